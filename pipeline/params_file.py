@@ -1,0 +1,74 @@
+"""Write a preset and `--set` overrides into params.yaml, keeping its comments and order.
+
+This is what `dvc exp run -S key=value` does to the workspace: params.yaml is the record of
+the params a run used, and DVC compares it with dvc.lock to decide which stages are stale.
+Values are checked with the strict loader before anything is written; the file is replaced
+atomically, so a bad override leaves it untouched.
+
+    lmforge run --preset ci --set validate.max_chars=8000
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from pipeline.config import (
+    PARAMS_FILE,
+    apply_override,
+    build_config,
+    parse_override,
+    preset_overrides,
+    resolve_data,
+)
+from pipeline.io_utils import atomic_write_text
+
+
+def _assign(node: Any, new: dict[str, Any]) -> None:
+    """Set `new` into the ruamel mapping `node` key by key, so comments on keys survive."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(node.get(key), dict):
+            _assign(node[key], value)
+        elif node.get(key) != value:
+            node[key] = value
+
+
+def apply_to_params(root: Path, preset: str | None, overrides: list[str]) -> list[str]:
+    """Apply a preset and overrides to `root/params.yaml`; return the dotted keys that changed."""
+    if not preset and not overrides:
+        return []
+    resolved = resolve_data(root, preset, overrides)
+    build_config(resolved, root)  # raises ConfigError naming the key; nothing written yet
+    delta: dict[str, Any] = preset_overrides(root, preset) if preset else {}
+    for item in overrides:
+        apply_override(delta, *parse_override(item))
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    path = root / PARAMS_FILE
+    doc = yaml.load(path.read_text(encoding="utf-8"))
+    before = _plain(doc)
+    _assign(doc, delta)
+    buf = io.StringIO()
+    yaml.dump(doc, buf)
+    changed = _diff_keys(before, _plain(doc))
+    if changed:
+        atomic_write_text(path, buf.getvalue())
+    return changed
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b), key=str)
+        return [k for key in keys for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if a != b else []

@@ -1,0 +1,240 @@
+"""A thin MLflow edge: one run per stage, joined to the pipeline's parent run when there is one.
+
+The pipeline flow opens a parent run and hands its id to stage processes through the
+environment (`LMFORGE_PARENT_RUN_ID`); each stage then logs as a child run. Metrics are
+buffered and sent with `log_batch` (one HTTP call per ~1000 values, not one per step),
+datasets are logged with the DVC md5 of their file as the digest, and every run is tagged
+with the git commit and the DVC stage.
+
+Tracking switches off cleanly, leaving a no-op `Tracker`, when `tracking.enabled: false`,
+when mlflow is not installed (the GPU benchmark machine), or on a non-zero rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.io_utils import file_md5
+
+PARENT_RUN_ENV = "LMFORGE_PARENT_RUN_ID"
+FLOW_RUN_ENV = "LMFORGE_FLOW_RUN_ID"
+DVC_EXP_ENV = "LMFORGE_DVC_EXPERIMENT"
+_BATCH = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
+
+log = logging.getLogger(__name__)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists of mappings are indexed: 'a.0.b'."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{key}.{i}."))
+        else:
+            out[key] = v
+    return out
+
+
+def tracking_uri(cfg: Config) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else `tracking.uri` (a relative sqlite path made absolute)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str(cfg.root / uri[len(prefix) :])
+    return uri
+
+
+def git_commit(root: Path) -> tuple[str, bool]:
+    """(commit sha or '', dirty?) of the git work tree at `root`."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return sha, bool(status.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return "", False
+
+
+class Tracker:
+    """Logging facade for one MLflow run; every method is a no-op when `run_id` is None."""
+
+    def __init__(self, client: Any = None, run_id: str | None = None) -> None:
+        self.client, self.run_id = client, run_id
+        self._pending: list[Any] = []
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Flattened params, 100 per call (MLflow's limit for params in one batch)."""
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Buffer metrics; they are sent in batches by `flush` (called automatically)."""
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for k, v in flatten(metrics).items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                self._pending.append(Metric(k, float(v), now, step))
+        if len(self._pending) >= _BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        while self.active and self._pending:
+            batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self.client.log_batch(self.run_id, tags=items)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file or a whole folder."""
+        if not self.active:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.active:
+            self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dataset(self, path: Path, name: str, context: str) -> None:
+        """Record a dataset file as a run input; its digest is the file md5 (as in dvc.lock)."""
+        if not self.active:
+            return
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        source = resolve_dataset_source(str(Path(path).resolve()))
+        ds = MetaDataset(source=source, name=name, digest=file_md5(path)[:36])
+        tag = InputTag(key="mlflow.data.context", value=context)
+        self.client.log_inputs(
+            self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[tag])]
+        )
+
+
+def _mlflow_or_none() -> Any:
+    try:
+        import mlflow
+    except ImportError:
+        return None
+    return mlflow
+
+
+@contextlib.contextmanager
+def start_run(cfg: Config, stage: str, rank: int = 0) -> Iterator[Tracker]:
+    """Open the stage's MLflow run (a child of `$LMFORGE_PARENT_RUN_ID` if set).
+
+    The run ends FINISHED on success and FAILED if the stage raises.
+    """
+    mlflow = _mlflow_or_none() if cfg.tracking.enabled and rank == 0 else None
+    if mlflow is None:
+        if cfg.tracking.enabled and rank == 0:
+            log.warning("mlflow is not installed: tracking is off for stage %s", stage)
+        yield Tracker()
+        return
+    for name in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        experiment_id = client.get_run(parent).info.experiment_id
+    else:
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        experiment_id = (
+            exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+        )
+    sha, dirty = git_commit(cfg.root)
+    tags = {
+        "lmforge.stage": stage,
+        "lmforge.git_commit": sha,
+        "lmforge.git_dirty": dirty,
+        "lmforge.dvc_stage": os.environ.get("DVC_STAGE", ""),
+        "lmforge.dvc_experiment": os.environ.get(DVC_EXP_ENV, ""),
+        "lmforge.prefect_flow_run_id": os.environ.get(FLOW_RUN_ENV, ""),
+        "mlflow.source.git.commit": sha,
+    }
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(experiment_id, run_name=stage, tags=tags)
+    tracker = Tracker(client, run.info.run_id)
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    finally:
+        try:
+            tracker.flush()
+        finally:
+            client.set_terminated(run.info.run_id, status)
+
+
+def open_parent_run(cfg: Config, name: str, tags: Mapping[str, Any]) -> str | None:
+    """Create the pipeline's parent run and return its id (None when tracking is off).
+
+    Stage processes join it as children through `$LMFORGE_PARENT_RUN_ID`.
+    """
+    mlflow = _mlflow_or_none() if cfg.tracking.enabled else None
+    if mlflow is None:
+        return None
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    sha, dirty = git_commit(cfg.root)
+    all_tags = {"lmforge.git_commit": sha, "lmforge.git_dirty": dirty, **tags}
+    run = client.create_run(
+        experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()}
+    )
+    Tracker(client, run.info.run_id).log_params({"seed": cfg.seed, **cfg.to_dict()})
+    return run.info.run_id
+
+
+def close_run(cfg: Config, run_id: str | None, success: bool, metrics: Mapping[str, float]) -> None:
+    """Log final metrics to a run opened by `open_parent_run` and mark it finished or failed."""
+    if run_id is None:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+    tracker = Tracker(client, run_id)
+    tracker.log_metrics(metrics)
+    tracker.flush()
+    client.set_terminated(run_id, "FINISHED" if success else "FAILED")

@@ -1,0 +1,31 @@
+"""Shared fixtures: throwaway project roots built from the repo's own params.yaml and presets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, load_config
+from pipeline.params_file import apply_to_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_project(dest: Path, preset: str | None = "ci", overrides: list[str] | None = None) -> Path:
+    """A project root at `dest`: the repo's params.yaml and presets with a preset applied."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", dest / "params.yaml")
+    shutil.copytree(REPO / "presets", dest / "presets", dirs_exist_ok=True)
+    apply_to_params(dest, preset, ["tracking.enabled=false", *(overrides or [])])
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "proj")
+
+
+def cfg_for(root: Path, *overrides: str) -> Config:
+    return load_config(root, overrides=list(overrides))

@@ -1,0 +1,81 @@
+"""Tracking: child runs, batched metrics, datasets with DVC md5 digests, the off switch."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import cfg_for
+
+from pipeline import tracking
+from pipeline.io_utils import file_md5
+
+mlflow = pytest.importorskip("mlflow")
+
+
+@pytest.fixture
+def tracked(project):
+    return cfg_for(project, "tracking.enabled=true", "tracking.experiment=test-exp")
+
+
+def test_stage_run_is_a_child_of_the_parent(tracked, monkeypatch, tmp_path):
+    parent = tracking.open_parent_run(tracked, "lm-pipeline", {"preset": "ci"})
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
+    monkeypatch.setenv("DVC_STAGE", "validate")
+    data = tmp_path / "d.txt"
+    data.write_text("some data")
+    with tracking.start_run(tracked, "validate") as t:
+        t.log_params({"validate": {"min_chars": 3, "sources": [{"kind": "txt"}]}})
+        for step in range(250):
+            t.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.1}, step=step)
+        t.log_dataset(data, "d", "train")
+        child = t.run_id
+    tracking.close_run(tracked, parent, True, {"total_seconds": 1.0})
+
+    client = mlflow.MlflowClient(tracking.tracking_uri(tracked))
+    run = client.get_run(child)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["lmforge.dvc_stage"] == "validate"
+    assert "lmforge.git_commit" in run.data.tags
+    assert run.data.params["validate.min_chars"] == "3"
+    assert run.data.params["validate.sources.0.kind"] == "txt"
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(child, "loss")
+    assert len(history) == 250 and history[-1].value == pytest.approx(1 / 250)
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.digest == file_md5(data)[:36] and ds.dataset.name == "d"
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_metrics_are_sent_in_batches(tracked, monkeypatch):
+    calls = []
+    with tracking.start_run(tracked, "synthesize") as t:
+        real = t.client.log_batch
+        monkeypatch.setattr(t.client, "log_batch", lambda *a, **k: (calls.append(k), real(*a, **k)))
+        for step in range(1500):
+            t.log_metrics({"loss": float(step)}, step=step)
+    metric_calls = [c for c in calls if c.get("metrics")]
+    assert len(metric_calls) == 2  # 1000 + 500, never one call per step
+
+
+def test_failed_stage_marks_the_run_failed(tracked):
+    with pytest.raises(RuntimeError), tracking.start_run(tracked, "validate") as t:
+        run_id = t.run_id
+        raise RuntimeError("boom")
+    client = mlflow.MlflowClient(tracking.tracking_uri(tracked))
+    assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_disabled_tracking_is_a_noop(project):
+    cfg = cfg_for(project, "tracking.enabled=false")
+    with tracking.start_run(cfg, "validate") as t:
+        t.log_metrics({"x": 1.0})
+        t.log_params({"a": 1})
+        assert not t.active
+    assert not (project / "mlflow.db").exists()
+
+
+def test_relative_sqlite_uri_is_anchored_at_the_root(project, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = cfg_for(project)
+    assert tracking.tracking_uri(cfg) == f"sqlite:///{project.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking.tracking_uri(cfg) == "http://mlflow:5000"

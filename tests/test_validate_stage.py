@@ -1,0 +1,130 @@
+"""Stage validate: the gate, cleaning, disjoint splits, and intact outputs on failure."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import cfg_for
+
+from pipeline.data.clean import split_of, text_digest
+from pipeline.errors import GateFailed
+from pipeline.io_utils import tree_md5
+from pipeline.stages import validate
+
+CLEAN_DOCS = [f"Document number {i} talks about topic {i % 7} at some length." for i in range(300)]
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def jsonl_cfg(project, *extra):
+    src = "validate.sources=[{kind: jsonl, name: local, path: corpus.jsonl}]"
+    return cfg_for(project, src, "validate.min_rows=10", *extra)
+
+
+def splits(cfg) -> dict[str, list[str]]:
+    out = {}
+    for s in ("train", "val", "test"):
+        out[s] = pq.read_table(cfg.path("validated") / f"{s}.parquet").column("text").to_pylist()
+    return out
+
+
+def test_clean_corpus_passes_and_writes_outputs(project):
+    write_jsonl(
+        project / "corpus.jsonl", [*CLEAN_DOCS, "  Café with trailing space  ", CLEAN_DOCS[0]]
+    )
+    cfg = jsonl_cfg(project)
+    summary = validate.run(cfg)
+    parts = splits(cfg)
+    all_docs = parts["train"] + parts["val"] + parts["test"]
+    assert len(all_docs) == len(set(all_docs)) == 301  # the duplicate is removed
+    assert "Café with trailing space" in all_docs  # stripped and NFC
+    assert summary["dropped"] == {"duplicate": 1}
+    report = json.loads((cfg.path("reports") / "validate.json").read_text())
+    assert report["gate"]["success"] is True
+    assert report["aggregates"]["row_count"] == 302
+    assert all("observed_value" in e for e in report["gate"]["expectations"])
+    assert (cfg.path("data_docs") / "index.html").is_file()
+    assert (cfg.path("validated") / "config.yaml").is_file()
+
+
+def test_splits_are_disjoint_and_follow_the_document_hash(project):
+    write_jsonl(project / "corpus.jsonl", CLEAN_DOCS)
+    cfg = jsonl_cfg(project, "validate.val_fraction=0.2", "validate.test_fraction=0.2")
+    validate.run(cfg)
+    parts = splits(cfg)
+    assert not set(parts["train"]) & set(parts["val"])
+    assert not set(parts["train"]) & set(parts["test"])
+    assert not set(parts["val"]) & set(parts["test"])
+    for s, docs in parts.items():
+        assert all(split_of(text_digest(d), 0.2, 0.2) == s for d in docs)
+    assert 30 < len(parts["val"]) < 90 and 30 < len(parts["test"]) < 90
+
+
+def test_rerun_is_bit_identical_and_order_independent(project):
+    write_jsonl(project / "corpus.jsonl", CLEAN_DOCS)
+    cfg = jsonl_cfg(project)
+    validate.run(cfg)
+    first = tree_md5(cfg.path("validated")), (cfg.path("reports") / "validate.json").read_bytes()
+    validate.run(cfg)
+    assert (
+        tree_md5(cfg.path("validated")),
+        (cfg.path("reports") / "validate.json").read_bytes(),
+    ) == first
+    write_jsonl(project / "corpus.jsonl", CLEAN_DOCS[::-1])
+    validate.run(cfg)
+    assert {s: set(v) for s, v in splits(cfg).items()} == {
+        s: set(v) for s, v in splits(cfg).items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("planted", "failed_expectation"),
+    [
+        ([None] * 5, "null_count"),
+        ([""] * 5, "empty_count"),
+        ([CLEAN_DOCS[0]] * 80, "duplicate_fraction"),
+        ([f"mail me at person{i}@example.com now" for i in range(20)], "email_fraction"),
+        ([f"call 555-123-{4000 + i} today please" for i in range(20)], "phone_fraction"),
+    ],
+)
+def test_gate_fails_on_planted_bad_data_and_keeps_previous_outputs(
+    project, planted, failed_expectation
+):
+    write_jsonl(project / "corpus.jsonl", CLEAN_DOCS)
+    cfg = jsonl_cfg(project)
+    validate.run(cfg)
+    before = tree_md5(cfg.path("validated")), (cfg.path("reports") / "validate.json").read_bytes()
+
+    (project / "corpus.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in CLEAN_DOCS + planted)
+    )
+    with pytest.raises(GateFailed) as e:
+        validate.run(cfg)
+    assert failed_expectation in str(e.value)
+    assert "unchanged" in str(e.value)
+    after = tree_md5(cfg.path("validated")), (cfg.path("reports") / "validate.json").read_bytes()
+    assert after == before
+    failed = json.loads((cfg.path("reports") / "validate.failed.json").read_text())
+    bad = [x for x in failed["gate"]["expectations"] if not x["success"]]
+    assert any(failed_expectation in json.dumps(x) for x in bad)
+
+
+def test_stage_main_exits_nonzero_with_a_readable_message(project, capsys, monkeypatch):
+    write_jsonl(project / "corpus.jsonl", CLEAN_DOCS + [None] * 3)
+    monkeypatch.chdir(project)
+    code = validate.main(
+        [
+            "--set",
+            "validate.sources=[{kind: jsonl, path: corpus.jsonl}]",
+            "--set",
+            "validate.min_rows=10",
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "stage validate failed" in err and "null_count" in err
+    assert validate.main(["--set", "validate.nope=1"]) == 2
