@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,9 @@ class Tracker:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        source = resolve_dataset_source(str(Path(path).resolve()))
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": it's local
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(Path(path).resolve()))
         ds = MetaDataset(source=source, name=name, digest=file_md5(path)[:36])
         tag = InputTag(key="mlflow.data.context", value=context)
         self.client.log_inputs(

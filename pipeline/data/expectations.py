@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +62,9 @@ _SAMPLE_COLUMNS = ("text", "source", "doc_id")
 _ALLOWED_CONTROL = "\n\t\r"
 _ASCII_INVALID = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _MAX_DOC_IDS = 5
+_RENDER_TIME = re.compile(r"(logo-long\.png)\?d=[0-9TZ.]+")
+_STAMP = re.compile(r"\b\d{8}T\d{6}\.\d{6}Z\b")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class ThresholdError(LmforgeError, ValueError):
@@ -395,7 +400,7 @@ def run_gate(
     table = aggregates_frame(aggregates)
     gx = _import_gx()
     ctx = _make_context(gx, None if docs_dir is None else Path(docs_dir))
-    run_id = gx.RunIdentifier(run_name="validate", run_time=datetime.now(UTC))
+    run_id = gx.RunIdentifier(run_name="validate", run_time=_pinned_run_time())
     suites = [
         (ROWS_SUITE, rows, _row_expectations(thresholds)),
         (AGGREGATES_SUITE, table, _aggregate_expectations(thresholds)),
@@ -405,4 +410,34 @@ def run_gate(
         for name, frame, expectations in suites
         for evr in _validate(gx, ctx, name, frame, expectations, run_id).results
     ]
+    if docs_dir is not None:
+        _strip_render_times(Path(docs_dir))
     return GateResult(success=all(r["success"] for r in records), expectations=records)
+
+
+def _pinned_run_time() -> datetime:
+    """GX's run time, pinned so identical data gives byte-identical Data Docs (DVC hashes).
+
+    `SOURCE_DATE_EPOCH` (the reproducible-builds convention) sets it; by default it is the
+    Unix epoch. The real run time is recorded by MLflow.
+    """
+    return datetime.fromtimestamp(int(os.environ.get("SOURCE_DATE_EPOCH", "0")), UTC)
+
+
+def _strip_render_times(docs_dir: Path) -> None:
+    """Make the HTML a pure function of the results: GX stamps pages with render times and
+    random element ids, which would change the output's hash on every identical re-run."""
+    pinned = _pinned_run_time().strftime("%Y%m%dT%H%M%S.%fZ")
+    for page in docs_dir.rglob("*.html"):
+        html = page.read_text(encoding="utf-8")
+        fixed = _RENDER_TIME.sub(r"\1", html)
+        fixed = _STAMP.sub(pinned, fixed)
+        fixed = _UUID.sub(_numbering(), fixed)
+        if fixed != html:
+            page.write_text(fixed, encoding="utf-8")
+
+
+def _numbering() -> Callable[[re.Match], str]:
+    """A replacer giving each distinct match a sequential id, in order of appearance."""
+    ids: dict[str, str] = {}
+    return lambda m: ids.setdefault(m.group(0), f"id{len(ids)}")

@@ -1,0 +1,104 @@
+"""End to end: the Prefect flow runs every stage through DVC, and a repeat run skips them all.
+
+Runs in a throwaway copy of the repository (its own git repo, SQLite MLflow, ephemeral
+Prefect API through the test harness), on the `ci` preset.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+TOP_LEVEL_SKIP = {".venv", ".git", "data", "reports", "mlflow.db", "mlruns", "dvc.lock"}
+CACHES = shutil.ignore_patterns("__pycache__", "*.egg-info", ".*_cache", ".hypothesis", "tmp")
+
+
+def ignore(folder: str, names: list[str]) -> set[str]:
+    """Skip outputs and environments at the top level only (pipeline/data is source code)."""
+    skip = set(CACHES(folder, names))
+    return skip | (TOP_LEVEL_SKIP & set(names) if Path(folder) == REPO else set())
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lmforge") / "repo"
+    shutil.copytree(REPO, root, ignore=ignore)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env_bin = str(Path(sys.executable).parent)
+    return subprocess.run(
+        [f"{env_bin}/dvc", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{env_bin}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1", "HOME": str(root)},
+    )
+
+
+def test_flow_runs_every_stage_then_skips_them(repo_copy, prefect_api, monkeypatch):
+    import mlflow
+
+    from flows.pipeline_flow import STAGES, lm_pipeline
+    from pipeline.config import load_config
+    from pipeline.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = lm_pipeline(preset="ci", root=str(repo_copy))
+    assert [r["stage"] for r in first["stages"]] == list(STAGES)
+    assert all(r["status"] == "ran" for r in first["stages"])
+    report = json.loads((repo_copy / "reports" / "synthesize.json").read_text())
+    assert report["source_entropy"]["bits_per_byte"] > 0
+
+    cfg = load_config(repo_copy)
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    parent = client.get_run(first["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+    assert all(r.data.tags["lmforge.dvc_stage"] in STAGES for r in children)
+
+    second = lm_pipeline(root=str(repo_copy))
+    assert all(r["status"].startswith("skipped") for r in second["stages"])
+    status = dvc(repo_copy, "status")
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+
+
+def test_dvc_repro_alone_reproduces_and_then_does_nothing(repo_copy):
+    """`dvc repro --force` rebuilds bit-identical outputs: the lock file does not change."""
+    lock = (repo_copy / "dvc.lock").read_text()
+    forced = dvc(repo_copy, "repro", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (repo_copy / "dvc.lock").read_text() == lock
+    again = dvc(repo_copy, "repro")
+    assert "didn't change, skipping" in again.stdout
+    assert "Running stage" not in again.stdout
