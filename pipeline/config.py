@@ -55,6 +55,9 @@ class PathsConfig:
     validated: str = spec("validate: cleaned, split corpus (train/val/test parquet)")
     data_docs: str = spec("validate: Great Expectations Data Docs (HTML)")
     synthetic: str = spec("synthesize: pretraining mix, fine-tuning set, source models")
+    tokenizer: str = spec("tokenizer: tokenizer.json, meta.json and the token shards")
+    pretrain: str = spec("pretrain: the final model, its config and the resolved config")
+    checkpoints: str = spec("pretrain: resumable checkpoints (working state, not a DVC output)")
     reports: str = spec("per-stage metrics, reports/<stage>.json")
 
 
@@ -158,6 +161,59 @@ class SynthesizeConfig:
 
 
 @dataclass(frozen=True)
+class TokenizerConfig:
+    """Byte-level BPE (Hugging Face tokenizers) and the token shards."""
+
+    vocab_size: int = spec("BPE vocabulary size, special tokens included", min=260, max=2**20)
+    min_frequency: int = spec("a merge needs a pair seen at least this often", min=1)
+    special_tokens: list[str] = spec("added tokens; the first one separates documents")
+    encode_batch_docs: int = spec("documents per encode_batch call", min=1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The GPT architecture (pipeline/model.py); vocab size comes from the tokenizer."""
+
+    n_layer: int = spec("transformer blocks", min=1, max=256)
+    n_head: int = spec("attention heads per block", min=1, max=256)
+    n_embd: int = spec("model width d", min=8)
+    block_size: int = spec("context length T", min=2)
+    dropout: float = spec("dropout probability", min=0.0, max=0.9)
+    bias: bool = spec("biases in linear layers and LayerNorms")
+    pos_encoding: Literal["learned", "sinusoidal", "rotary"] = spec("positional encoding")
+    activation: Literal["gelu", "relu"] = spec("feed-forward activation")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """GPT pretraining under torchrun: one process, DDP or FSDP2, CPU or GPU."""
+
+    nproc_per_node: int = spec("processes torchrun starts on this machine", min=1, max=64)
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = spec(
+        "auto: single with one process, DDP with more"
+    )
+    device: Literal["auto", "cpu", "cuda"] = spec("auto: CUDA when available")
+    dtype: Literal["auto", "float32", "bfloat16"] = spec("auto: bf16 autocast on CUDA, fp32 on CPU")
+    compile: Literal["auto", "on", "off"] = spec("torch.compile; auto: on for CUDA")
+    max_steps: int = spec("optimizer steps", min=1)
+    micro_batch_size: int = spec("sequences per process per forward/backward", min=1)
+    tokens_per_step: int = spec("global tokens per optimizer step (sets grad accumulation)", min=1)
+    lr: float = spec("peak learning rate", min=0.0, max=10.0)
+    min_lr: float = spec("learning rate at the end of the cosine decay", min=0.0, max=10.0)
+    warmup_steps: int = spec("linear warm-up steps", min=0)
+    weight_decay: float = spec("AdamW weight decay (matrices only)", min=0.0, max=10.0)
+    beta1: float = spec("AdamW beta1", min=0.0, max=1.0)
+    beta2: float = spec("AdamW beta2", min=0.0, max=1.0)
+    grad_clip: float = spec("max global gradient norm (0 = off)", min=0.0)
+    eval_interval: int = spec("steps between validation evaluations", min=1)
+    eval_batches: int = spec("micro-batches per validation evaluation", min=1)
+    log_interval: int = spec("steps between progress lines and metric batches", min=1)
+    checkpoint_interval: int = spec("steps between checkpoints", min=1)
+    keep_checkpoints: int = spec("checkpoints kept on disk (the newest)", min=1)
+    resume: bool = spec("continue from the newest checkpoint in the output folder if any")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole of params.yaml. `root` is the project root, not a key of the file."""
 
@@ -167,6 +223,9 @@ class Config:
     storyworld: StoryWorldConfig = spec("the story-world grammar")
     validate: ValidateConfig = spec("stage validate")
     synthesize: SynthesizeConfig = spec("stage synthesize")
+    tokenizer: TokenizerConfig = spec("stage tokenizer")
+    model: ModelConfig = spec("the GPT architecture")
+    pretrain: PretrainConfig = spec("stage pretrain")
     root: Path = field(default=Path("."), metadata={"internal": True})
 
     def path(self, key: str) -> Path:
@@ -288,6 +347,16 @@ def _cross_checks(cfg: Config) -> list[str]:
         errors.append("validate.val_fraction + validate.test_fraction: expected a sum below 1")
     if sw.min_sentences > sw.max_sentences:
         errors.append("storyworld.min_sentences: expected at most storyworld.max_sentences")
+    if cfg.model.n_embd % cfg.model.n_head:
+        errors.append(
+            f"model.n_embd: {cfg.model.n_embd} is not divisible by model.n_head {cfg.model.n_head}"
+        )
+    if cfg.model.pos_encoding == "rotary" and (cfg.model.n_embd // cfg.model.n_head) % 2:
+        errors.append("model.n_head: rotary encoding needs an even head size n_embd / n_head")
+    if not cfg.tokenizer.special_tokens:
+        errors.append("tokenizer.special_tokens: expected at least the end-of-text token")
+    if cfg.pretrain.min_lr > cfg.pretrain.lr:
+        errors.append("pretrain.min_lr: expected at most pretrain.lr")
     if not v.sources:
         errors.append("validate.sources: expected at least one source")
     for i, s in enumerate(v.sources):

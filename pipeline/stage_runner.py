@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.data.ingest import SourceError
 from pipeline.errors import LmforgeError
 
 
@@ -49,8 +48,8 @@ def stage_main(name: str, run: Callable[[Config], dict[str, Any]], argv: list[st
         return 2
     try:
         summary = run(cfg)
-    except (LmforgeError, SourceError) as e:
+    except LmforgeError as e:
         print(f"error: stage {name} failed:\n{e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.config import Config, SourceConfig
+from pipeline.errors import LmforgeError
 from pipeline.seeding import derive_seed
 
 SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("doc_id", pa.string())])
@@ -27,7 +28,7 @@ _BUILDERS = {"txt": "text", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
 _TXT_SAMPLE_BY = {"file": "document", "paragraph": "paragraph", "line": "line"}
 
 
-class SourceError(ValueError):
+class SourceError(LmforgeError, ValueError):
     """A source cannot be read; the message names the source key and the file."""
 
 
