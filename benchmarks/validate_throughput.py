@@ -84,7 +84,8 @@ def main() -> None:
         )
         t0 = time.perf_counter()
         docs, size = make_corpus(root / "corpus.jsonl", args.size_mb)
-        print(f"corpus: {docs:,} docs, {size / 1e6:.0f} MB, generated in {time.perf_counter() - t0:.0f}s")
+        took = time.perf_counter() - t0
+        print(f"corpus: {docs:,} docs, {size / 1e6:.0f} MB, generated in {took:.0f}s")
         seconds, rss_mb, summary = run_validate(root)
         print(f"validate: {seconds:.1f}s (incl. ~5s start-up and GX), kept {summary['docs']}")
         print(f"throughput: {size / 1e6 / seconds:.1f} MB/s   peak RSS: {rss_mb:.0f} MB")

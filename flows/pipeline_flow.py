@@ -28,7 +28,7 @@ from pipeline.config import load_config
 from pipeline.params_file import apply_to_params
 from pipeline.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, close_run, open_parent_run
 
-STAGES = ("validate", "synthesize")
+STAGES = ("validate", "synthesize", "tokenizer", "pretrain")
 
 # The figures shown per stage in the run summary: (label, path into reports/<stage>.json).
 KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
@@ -41,6 +41,15 @@ KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("entropy bits/byte", ("source_entropy", "bits_per_byte")),
         ("synthetic share", ("mix", "synthetic_share_bytes")),
         ("fine-tune examples", ("finetune", "train_examples")),
+    ],
+    "tokenizer": [
+        ("vocab", ("vocab_size",)),
+        ("bytes/token (val)", ("bytes_per_token_val",)),
+    ],
+    "pretrain": [
+        ("train loss", ("train_loss",)),
+        ("val bits/byte", ("val_bpb",)),
+        ("tokens", ("tokens_seen",)),
     ],
 }
 

@@ -20,7 +20,7 @@ app = typer.Typer(help="lmforge: train GPT-style language models end to end.", n
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-STAGES = ("validate", "synthesize")
+STAGES = ("validate", "synthesize", "tokenizer", "pretrain")
 PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="presets/<NAME>.yaml")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override KEY=VALUE (repeatable)")

@@ -1,0 +1,171 @@
+"""Training checkpoints: written atomically, loaded without unpickling arbitrary objects.
+
+A checkpoint is a folder `step_<N>/` holding
+
+- `model.safetensors`: the full (unsharded) weights; tied tensors are stored once and
+  their aliases listed in the file's metadata;
+- `optimizer.pt`: the optimizer state (tensors, numbers and names only), read back with
+  `torch.load(weights_only=True)`, which refuses arbitrary pickled objects;
+- `state.json`: step (the data position: batches are a function of the step), the
+  scheduler's state, RNG states, the loss history so far, and the config digest;
+- `config.yaml`: the resolved config.
+
+State dicts go through `torch.distributed.checkpoint.state_dict`, which gathers FSDP2
+shards into full tensors and works the same for DDP and a plain module, so one code path
+serves every strategy. Every rank takes part in gathering; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from pipeline.errors import LmforgeError
+from pipeline.io_utils import atomic_dir, atomic_write_json
+
+_STEP_DIR = re.compile(r"^step_(\d{7})$")
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class CheckpointError(LmforgeError):
+    """A checkpoint is missing, truncated or corrupt; the message names the file."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer needed to continue the same trajectory."""
+
+    step: int
+    scheduler: dict[str, Any]
+    rng: dict[str, str]
+    history: list[dict[str, float]]
+    config_digest: str
+
+
+def rng_state() -> dict[str, str]:
+    """Torch RNG states (CPU, and CUDA when present) as base64 strings for JSON."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return {k: base64.b64encode(v.numpy().tobytes()).decode() for k, v in states.items()}
+
+
+def set_rng_state(state: dict[str, str]) -> None:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["cpu"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+def _dedupe_tied(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier key; return {alias: kept key}."""
+    seen: dict[tuple[int, int], str] = {}
+    kept, aliases = {}, {}
+    for k, v in sd.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            kept[k] = v.contiguous()
+    return kept, aliases
+
+
+def save_weights(path: Path, sd: dict[str, torch.Tensor]) -> None:
+    """Write a state dict as safetensors, storing tied tensors once."""
+    kept, aliases = _dedupe_tied(sd)
+    save_file(kept, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read weights written by `save_weights`, restoring tied aliases; clear errors."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        sd = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    for alias, key in aliases.items():
+        sd[alias] = sd[key]
+    return sd
+
+
+def save(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    config_yaml: str,
+    is_main: bool,
+    keep: int,
+) -> Path:
+    """Write `folder/step_<N>` atomically (all ranks call this), then keep the newest `keep`."""
+    model_sd = get_model_state_dict(model, options=FULL)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL)
+    target = folder / f"step_{state.step:07d}"
+    if is_main:
+        with atomic_dir(target) as tmp:
+            save_weights(tmp / "model.safetensors", model_sd)
+            torch.save(optim_sd, tmp / "optimizer.pt")
+            atomic_write_json(tmp / "state.json", state.__dict__)
+            (tmp / "config.yaml").write_text(config_yaml)
+        for old in list_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders are never listed)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+
+
+def read_state(ckpt: Path) -> TrainState:
+    path = ckpt / "state.json"
+    try:
+        return TrainState(**json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable training state ({e})") from None
+
+
+def load(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    """Restore weights, optimizer and RNG from `ckpt` into (possibly wrapped) objects."""
+    state = read_state(ckpt)
+    model_sd = load_weights(ckpt / "model.safetensors")
+    optim_path = ckpt / "optimizer.pt"
+    try:
+        optim_sd = torch.load(optim_path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{optim_path}: optimizer state not found") from None
+    except Exception as e:  # corrupt zip, or a pickle that weights_only refuses
+        raise CheckpointError(f"{optim_path}: unreadable optimizer state ({e})") from None
+    try:
+        set_model_state_dict(model, model_sd, options=FULL)
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=FULL)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: does not match the model or optimizer ({e})") from None
+    set_rng_state(state.rng)
+    return state

@@ -1,0 +1,169 @@
+"""Byte-level BPE tokenizer: training, loading, encoding and decoding.
+
+A thin layer over Hugging Face `tokenizers` (the Rust engine does the work; nothing here
+re-implements BPE). The choices that matter for the rest of the pipeline:
+
+- **Byte level.** Text is mapped to its UTF-8 bytes (GPT-2's byte-to-unicode table) before
+  BPE, and all 256 byte symbols are in the initial alphabet, so *any* Unicode string
+  encodes, with no unknown token, and `decode(encode(s)) == s` exactly.
+- **Special tokens first.** The special tokens of `tokenizer.special_tokens` get ids
+  0, 1, ... in order; the first is the document separator (`<|endoftext|>`, id 0).
+- **Document text is data.** `encode_docs` encodes a literal `<|endoftext|>` inside a
+  document as ordinary bytes, never as the separator id, so a corpus cannot forge document
+  boundaries and the number of separators in a shard always equals its number of documents.
+- **Deterministic.** The same texts and settings give a byte-identical `tokenizer.json`.
+
+Core module: imports only the standard library and `tokenizers` (the GPU machine has
+nothing else), plus `pipeline.errors`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from pipeline.errors import LmforgeError
+
+EOT = "<|endoftext|>"
+NUM_BYTES = 256  # the byte-level alphabet: every vocabulary holds at least these symbols
+
+
+class TokenizerError(LmforgeError, ValueError):
+    """A tokenizer file or tokenizer setting is unusable; the message names the file or key."""
+
+
+def _check_specials(special_tokens: Sequence[str], vocab_size: int) -> None:
+    if not special_tokens:
+        raise TokenizerError("special_tokens: expected at least the end-of-text token")
+    if len(set(special_tokens)) != len(special_tokens) or not all(special_tokens):
+        raise TokenizerError(
+            f"special_tokens: expected distinct non-empty strings, got {special_tokens!r}"
+        )
+    if vocab_size < NUM_BYTES + len(special_tokens):
+        raise TokenizerError(
+            f"vocab_size: {vocab_size} is below the {NUM_BYTES} byte symbols plus "
+            f"{len(special_tokens)} special token(s)"
+        )
+
+
+def new_tokenizer() -> Tokenizer:
+    """An untrained byte-level BPE pipeline: ByteLevel pre-tokenizer and decoder, no normalizer.
+
+    No normalizer, because normalizing (NFC, lower-casing...) would break the exact round
+    trip; the validate stage already NFC-normalizes the corpus.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: list[str],
+    min_frequency: int,
+    *,
+    length: int | None = None,
+) -> Tokenizer:
+    """Train a byte-level BPE on `texts` (any iterable: it is streamed, never held whole).
+
+    `length` is the number of texts if known; `tokenizers` only uses it for its progress
+    estimate. The special tokens get ids 0..len-1 in the given order (checked). The result
+    can hold fewer than `vocab_size` entries when the corpus runs out of frequent pairs;
+    use `tok.get_vocab_size()` for the real size.
+    """
+    _check_specials(special_tokens, vocab_size)
+    tok = new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # bars redraw in place; stage logs are read as files
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    for want, token in enumerate(special_tokens):
+        got = tok.token_to_id(token)
+        if got != want:  # the shard format and meta.json rely on this order
+            raise TokenizerError(f"special token {token!r} got id {got}, expected {want}")
+    return tok
+
+
+def load_tokenizer(path: Path | str) -> Tokenizer:
+    """Load a `tokenizer.json`; errors name the file and say what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"{path}: tokenizer file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise TokenizerError(f"{path}: not a tokenizer (expected a JSON object with a 'model')")
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as e:  # the Rust side raises a bare Exception with serde's message
+        raise TokenizerError(f"{path}: not a valid tokenizer: {e}") from None
+
+
+def _as_data(tok: Tokenizer) -> Tokenizer:
+    """Make special-token strings inside texts encode as ordinary bytes (see module doc)."""
+    if not tok.encode_special_tokens:
+        tok.encode_special_tokens = True
+    return tok
+
+
+def encode_docs(tok: Tokenizer, docs: list[str]) -> list[list[int]]:
+    """Token ids of each document, in parallel (Rust threads), with no special tokens added.
+
+    Sets `tok.encode_special_tokens = True`, so a literal `<|endoftext|>` in a document is
+    encoded as text; separators are added by the caller (see `pipeline.shards`).
+    """
+    _as_data(tok)
+    # encode_batch_fast skips the character offsets, which nothing here needs.
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    return [e.ids for e in encode(docs, add_special_tokens=False)]
+
+
+def decode(tok: Tokenizer, ids: Sequence[int] | Any) -> str:
+    """Text of `ids` (a list or a 1-D integer array); special tokens are kept as their text."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    return tok.decode(list(ids), skip_special_tokens=False)
+
+
+def bytes_per_token(tok: Tokenizer, texts: Iterable[str], batch_docs: int = 1000) -> float:
+    """UTF-8 bytes per token over `texts`, separators excluded: the tokenizer's compression.
+
+    Converts a per-token loss into bits per byte: bpb = loss_nats / ln 2 / bytes_per_token.
+    """
+    n_bytes = n_tokens = 0
+    for batch in _batched(texts, batch_docs):
+        n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+        n_tokens += sum(len(ids) for ids in encode_docs(tok, batch))
+    if n_tokens == 0:
+        raise ValueError("bytes_per_token: no tokens (empty texts)")
+    return n_bytes / n_tokens
+
+
+def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+    """Lists of up to `n` consecutive items (itertools.batched is Python 3.12+)."""
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def special_token_ids(tok: Tokenizer, special_tokens: Sequence[str]) -> dict[str, int]:
+    """{token: id} for the given special tokens; an unknown one is a TokenizerError."""
+    ids = {t: tok.token_to_id(t) for t in special_tokens}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise TokenizerError(f"special tokens {missing!r} are not in the tokenizer's vocabulary")
+    return ids  # type: ignore[return-value]

@@ -1,0 +1,269 @@
+"""Stage pretrain: schedule, outputs, bit-identical resume, SIGTERM, NaN, bad checkpoints,
+and DDP/FSDP2 with 2 processes matching 1 process on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, cfg_for, make_project
+
+from pipeline import checkpoint as ckpt
+from pipeline.checkpoint import CheckpointError
+from pipeline.io_utils import tree_md5
+from pipeline.model import GPT
+from pipeline.stages import pretrain, synthesize, tokenizer, validate
+
+TINY = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "pretrain.micro_batch_size=4",
+    "pretrain.tokens_per_step=256",  # 2 micro-steps in one process
+    "pretrain.max_steps=12",
+    "pretrain.warmup_steps=3",
+    "pretrain.log_interval=2",
+    "pretrain.eval_interval=4",
+    "pretrain.eval_batches=2",
+    "pretrain.checkpoint_interval=4",
+    "pretrain.keep_checkpoints=2",
+    "model.dropout=0.1",  # exercises the RNG state in resume
+]
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory) -> Path:
+    """A project with validated, synthesized and tokenized story-world data."""
+    root = make_project(
+        tmp_path_factory.mktemp("pre") / "proj",
+        overrides=[
+            "validate.sources=[{kind: storyworld, num_docs: 400}]",
+            "synthesize.entropy_docs=200",
+            "synthesize.finetune_docs=20",
+            "tokenizer.vocab_size=300",
+        ],
+    )
+    cfg = cfg_for(root)
+    for stage in (validate, synthesize, tokenizer):
+        stage.run(cfg)
+    return root
+
+
+def run_cfg(root: Path, name: str, *extra: str):
+    """Config with outputs in folders of their own, so tests do not share checkpoints."""
+    paths = [f"paths.pretrain=out/{name}/model", f"paths.checkpoints=out/{name}/ckpt"]
+    return cfg_for(root, *TINY, *paths, f"paths.reports=out/{name}/reports", *extra)
+
+
+def losses(cfg) -> list[float]:
+    return [
+        r["loss"]
+        for r in json.loads((cfg.path("reports") / "plots" / "pretrain_loss.json").read_text())
+    ]
+
+
+def test_lr_schedule_warms_up_then_decays(tokenized):
+    cfg = run_cfg(tokenized, "lr", "pretrain.max_steps=100", "pretrain.warmup_steps=10")
+    p = cfg.pretrain
+    assert pretrain.lr_at(0, cfg) == pytest.approx(p.lr / 10)
+    assert pretrain.lr_at(9, cfg) == pytest.approx(p.lr)
+    assert pretrain.lr_at(55, cfg) == pytest.approx((p.lr + p.min_lr) / 2)
+    assert pretrain.lr_at(100, cfg) == pytest.approx(p.min_lr)
+
+
+def test_tokens_per_step_must_divide(tokenized):
+    cfg = run_cfg(tokenized, "acc", "pretrain.tokens_per_step=300")
+    with pytest.raises(ValueError, match=r"pretrain\.tokens_per_step: 300 is not a multiple of"):
+        pretrain.grad_accum_steps(cfg, 1)
+
+
+def test_training_writes_model_report_and_curve(tokenized):
+    cfg = run_cfg(tokenized, "full")
+    report = pretrain.run(cfg)
+    assert report["steps"] == 12 and math.isfinite(report["val_bpb"])
+    curve = losses(cfg)
+    assert len(curve) == 12 and curve[-1] < curve[0]
+    weights = ckpt.load_weights(cfg.path("pretrain") / "model.safetensors")
+    model_cfg = json.loads((cfg.path("pretrain") / "model_config.json").read_text())
+    assert model_cfg["vocab_size"] % 64 == 0
+    from pipeline.model import GPTConfig
+
+    model = GPT(GPTConfig(**model_cfg))
+    model.load_state_dict(weights)
+    assert model.lm_head.weight is model.wte.weight
+    assert [p.name for p in ckpt.list_checkpoints(cfg.path("checkpoints"))] == [
+        "step_0000008",
+        "step_0000012",
+    ]
+
+
+def test_resume_after_a_crash_is_bit_identical(tokenized, monkeypatch):
+    straight = run_cfg(tokenized, "straight")
+    pretrain.run(straight)
+
+    crashed = run_cfg(tokenized, "crashed")
+    real_step = pretrain.Trainer.train_step
+
+    def crash_at_7(self, micro, step):
+        if step == 7:
+            raise KeyboardInterrupt  # like kill -9: no checkpoint is written at the crash
+        return real_step(self, micro, step)
+
+    monkeypatch.setattr(pretrain.Trainer, "train_step", crash_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.run(crashed)
+    assert ckpt.list_checkpoints(crashed.path("checkpoints"))[-1].name == "step_0000004"
+    monkeypatch.setattr(pretrain.Trainer, "train_step", real_step)
+    pretrain.run(crashed)  # resumes at step 4
+
+    assert losses(crashed) == losses(straight)  # exact float equality
+    assert tree_md5(crashed.path("pretrain") / "model.safetensors") == tree_md5(
+        straight.path("pretrain") / "model.safetensors"
+    )
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tokenized, monkeypatch):
+    cfg = run_cfg(tokenized, "nan")
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 2 * 5:  # 2 micro-batches a step: steps 0-4 are fine
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(pretrain.TrainingDiverged, match="loss is nan at step 5"):
+        pretrain.run(cfg)
+    (good,) = ckpt.list_checkpoints(cfg.path("checkpoints"))
+    assert good.name == "step_0000004"
+    assert ckpt.read_state(good).step == 4
+    assert not cfg.path("pretrain").exists()
+
+
+def test_corrupted_checkpoint_gives_a_clear_error(tokenized):
+    cfg = run_cfg(tokenized, "corrupt", "pretrain.max_steps=8")
+    pretrain.run(cfg)
+    latest = ckpt.list_checkpoints(cfg.path("checkpoints"))[-1]
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    longer = run_cfg(tokenized, "corrupt", "pretrain.max_steps=8")
+    with pytest.raises(CheckpointError, match=r"step_0000008/model\.safetensors: not a readable"):
+        pretrain.run(longer)
+
+
+def test_optimizer_state_is_never_unpickled(tokenized, tmp_path):
+    cfg = run_cfg(tokenized, "pickle", "pretrain.max_steps=4")
+    pretrain.run(cfg)
+    latest = ckpt.list_checkpoints(cfg.path("checkpoints"))[-1]
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"state": Evil()}, latest / "optimizer.pt")
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: unreadable optimizer state"):
+        pretrain.run(cfg)
+    assert not (tmp_path / "pwned").exists()
+
+
+def stage_cmd(root: Path, *sets: str, nproc: int = 0) -> list[str]:
+    args = [a for s in sets for a in ("--set", s)]
+    if nproc:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "pipeline.stages.pretrain",
+            *args,
+        ]
+    return [sys.executable, "-m", "pipeline.stages.pretrain", *args]
+
+
+def stage_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenized):
+    sets = [
+        *TINY,
+        "pretrain.max_steps=100000",
+        "pretrain.checkpoint_interval=100000",
+        "paths.checkpoints=out/term/ckpt",
+        "paths.pretrain=out/term/model",
+    ]
+    proc = subprocess.Popen(
+        stage_cmd(tokenized, *sets),
+        cwd=tokenized,
+        env=stage_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(8)  # torch import + a few hundred steps
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "SIGTERM at step" in err and "Traceback" not in err
+    step = int(err.split("SIGTERM at step ")[1].split(";")[0])
+    cfg = cfg_for(tokenized, *sets)
+    (saved,) = ckpt.list_checkpoints(cfg.path("checkpoints"))
+    assert saved.name == f"step_{step:07d}"
+    from pipeline import distributed
+
+    trainer = pretrain.build(cfg, distributed.init("cpu"))
+    assert trainer.start_step == step  # a re-run resumes there
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_on_the_same_global_batch(tokenized, strategy):
+    common = [
+        *TINY,
+        "pretrain.max_steps=4",
+        "pretrain.checkpoint_interval=100",
+        "pretrain.eval_interval=100",
+        "model.dropout=0.0",
+    ]
+    single = [
+        *common,
+        "paths.reports=out/one/reports",
+        "paths.pretrain=out/one/m",
+        "paths.checkpoints=out/one/c",
+    ]
+    # 2 processes x 4 sequences x 1 micro-step == 1 process x 4 sequences x 2 micro-steps
+    double = [
+        *common,
+        f"pretrain.strategy={strategy}",
+        f"paths.reports=out/{strategy}/reports",
+        f"paths.pretrain=out/{strategy}/m",
+        f"paths.checkpoints=out/{strategy}/c",
+    ]
+    for sets, nproc in ((single, 0), (double, 2)):
+        proc = subprocess.run(
+            stage_cmd(tokenized, *sets, nproc=nproc),
+            cwd=tokenized,
+            env=stage_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = losses(cfg_for(tokenized, *single))
+    two = losses(cfg_for(tokenized, *double))
+    assert len(one) == len(two) == 4
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-5
