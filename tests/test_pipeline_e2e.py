@@ -86,6 +86,15 @@ def test_flow_runs_every_stage_then_skips_them(repo_copy, prefect_api, monkeypat
     )
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
     assert all(r.data.tags["lmforge.dvc_stage"] in STAGES for r in children)
+    (train_run,) = [r for r in children if r.info.run_name == "pretrain"]
+    steps = cfg.pretrain.max_steps
+    history = client.get_metric_history(train_run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(steps))
+    for name in ("lr", "grad_norm", "tokens_per_s", "val_bpb"):
+        assert name in train_run.data.metrics
+    assert "plots/pretrain_loss.png" in [
+        f.path for f in client.list_artifacts(train_run.info.run_id, "plots")
+    ]
 
     second = lm_pipeline(root=str(repo_copy))
     assert all(r["status"].startswith("skipped") for r in second["stages"])
@@ -96,6 +105,7 @@ def test_flow_runs_every_stage_then_skips_them(repo_copy, prefect_api, monkeypat
 def test_dvc_repro_alone_reproduces_and_then_does_nothing(repo_copy):
     """`dvc repro --force` rebuilds bit-identical outputs: the lock file does not change."""
     lock = (repo_copy / "dvc.lock").read_text()
+    shutil.rmtree(repo_copy / "models" / "checkpoints")  # retrain from scratch, not resume
     forced = dvc(repo_copy, "repro", "--force")
     assert forced.returncode == 0, forced.stderr
     assert (repo_copy / "dvc.lock").read_text() == lock

@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,27 @@ class EncodeProgress:
         log.info(self.line() + " (done)")
 
 
+def encoded_batches(
+    tok: Tokenizer, src: Path, batch_docs: int
+) -> Iterator[tuple[list[list[int]], int]]:
+    """(token ids per document, UTF-8 bytes) for each record batch of `src`, in order.
+
+    The next batch is encoded in a helper thread (the Rust encoder releases the GIL) while
+    the caller turns the current one into shard bytes, so the Python-side work overlaps
+    the encoding instead of leaving the encoder's cores idle. At most two batches are in
+    memory. Order, and so the output, is the same as a plain loop.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+        pending: tuple[Future[list[list[int]]], int] | None = None
+        for texts, size in iter_text_batches(src, batch_docs):
+            nxt = (pool.submit(encode_docs, tok, texts), size)
+            if pending is not None:
+                yield pending[0].result(), pending[1]
+            pending = nxt
+        if pending is not None:
+            yield pending[0].result(), pending[1]
+
+
 def encode_split(
     tok: Tokenizer, src: Path, dst: Path, eot_id: int, batch_docs: int, label: str = ""
 ) -> SplitStats:
@@ -155,10 +177,10 @@ def encode_split(
     progress = EncodeProgress(label or src.stem, _num_rows(src))
     docs = n_bytes = 0
     with ShardWriter(dst, dtype) as writer:
-        for texts, size in iter_text_batches(src, batch_docs):
-            writer.write_docs(encode_docs(tok, texts), eot_id)
-            docs, n_bytes = docs + len(texts), n_bytes + size
-            progress.update(len(texts), size)
+        for ids, size in encoded_batches(tok, src, batch_docs):
+            writer.write_docs(ids, eot_id)
+            docs, n_bytes = docs + len(ids), n_bytes + size
+            progress.update(len(ids), size)
     progress.close()
     return SplitStats(tokens=writer.tokens, bytes=n_bytes, docs=docs)
 
