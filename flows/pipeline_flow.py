@@ -26,9 +26,8 @@ from prefect.runtime import flow_run
 
 from pipeline.config import load_config
 from pipeline.params_file import apply_to_params
+from pipeline.stages import STAGES
 from pipeline.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, close_run, open_parent_run
-
-STAGES = ("validate", "synthesize", "tokenizer", "pretrain")
 
 # The figures shown per stage in the run summary: (label, path into reports/<stage>.json).
 KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
@@ -50,6 +49,9 @@ KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("train loss", ("train_loss",)),
         ("val bits/byte", ("val_bpb",)),
         ("tokens", ("tokens_seen",)),
+    ],
+    "finetune": [
+        ("method", ("method",)),
     ],
 }
 

@@ -15,12 +15,12 @@ from typing import Annotated
 import typer
 
 from pipeline.config import ConfigError, describe, find_root, list_presets, load_config
+from pipeline.stages import STAGES
 
 app = typer.Typer(help="lmforge: train GPT-style language models end to end.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-STAGES = ("validate", "synthesize", "tokenizer", "pretrain")
 PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="presets/<NAME>.yaml")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override KEY=VALUE (repeatable)")

@@ -58,6 +58,7 @@ class PathsConfig:
     tokenizer: str = spec("tokenizer: tokenizer.json, meta.json and the token shards")
     pretrain: str = spec("pretrain: the final model, its config and the resolved config")
     checkpoints: str = spec("pretrain: resumable checkpoints (working state, not a DVC output)")
+    finetune: str = spec("finetune: the chosen method's model; methods/<m>/ when comparing")
     reports: str = spec("per-stage metrics, reports/<stage>.json")
 
 
@@ -214,6 +215,52 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """SWA and/or SAM fine-tuning from the pretrained weights."""
+
+    method: Literal["adamw", "sam", "swa", "sam+swa"] = spec("the method whose model moves on")
+    compare: bool = spec("also run every other method from the same start, same data order")
+    data: Literal["task", "corpus"] = spec(
+        "task: the fine-tuning set from synthesize; corpus: keep training on the pretrain shards"
+    )
+    max_steps: int = spec("optimizer steps per method", min=1)
+    micro_batch_size: int = spec("examples per step", min=1)
+    lr: float = spec("AdamW learning rate (constant after warm-up)", min=0.0, max=10.0)
+    warmup_steps: int = spec("linear warm-up steps", min=0)
+    weight_decay: float = spec("AdamW weight decay (matrices only)", min=0.0, max=10.0)
+    grad_clip: float = spec("max gradient norm (0 = off)", min=0.0)
+    sam_rho: float = spec("SAM neighbourhood radius rho", min=1e-6, max=10.0)
+    sam_adaptive: bool = spec("ASAM: scale the ascent by |w|")
+    swa_start: float = spec("fraction of training after which SWA averages", min=0.0, max=0.99)
+    swa_lr: float = spec("SWALR's constant learning rate during averaging", min=0.0, max=10.0)
+    swa_anneal_steps: int = spec("SWALR's annealing steps into swa_lr", min=1)
+    swa_ema: bool = spec("average with an EMA (get_ema_multi_avg_fn) instead of equal weights")
+    swa_ema_decay: float = spec("EMA decay", min=0.0, max=1.0)
+    eval_examples: int = spec("held-out examples scored per method (0 = all)", min=0)
+    sharpness_rho: float = spec("radius of the epsilon-sharpness ball", min=1e-6)
+    sharpness_steps: int = spec("projected ascent steps for epsilon-sharpness", min=1)
+    hessian_iters: int = spec("power-iteration steps for the top Hessian eigenvalue", min=1)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Held-out scores, KL to the true source, calibration, sharpness and decoding."""
+
+    test_windows: int = spec("context windows of the test shard scored (0 = all)", min=0)
+    source_docs: int = spec("fresh source documents for the KL rate", min=10)
+    calibration_bins: int = spec("bins of the reliability diagram", min=2, max=100)
+    sharpness_batches: int = spec("test batches in the sharpness loss", min=1)
+    prompts: int = spec("prompts decoded per strategy", min=1)
+    max_new_tokens: int = spec("longest generated continuation", min=1)
+    temperature: float = spec("sampling temperature", min=1e-4, max=10.0)
+    top_k: int = spec("top-k sampling cut-off", min=1)
+    top_p: float = spec("nucleus sampling mass", min=0.01, max=1.0)
+    num_beams: int = spec("beam width", min=1, max=64)
+    length_penalty: float = spec("beam score = log-prob / length ** penalty", min=0.0, max=5.0)
+    samples_in_report: int = spec("generations per strategy shown in evaluate.md", min=0)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole of params.yaml. `root` is the project root, not a key of the file."""
 
@@ -226,6 +273,8 @@ class Config:
     tokenizer: TokenizerConfig = spec("stage tokenizer")
     model: ModelConfig = spec("the GPT architecture")
     pretrain: PretrainConfig = spec("stage pretrain")
+    finetune: FinetuneConfig = spec("stage finetune")
+    evaluate: EvaluateConfig = spec("stage evaluate")
     root: Path = field(default=Path("."), metadata={"internal": True})
 
     def path(self, key: str) -> Path:

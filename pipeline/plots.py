@@ -35,3 +35,26 @@ def loss_curve_png(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def bar_chart_png(results: dict[str, dict[str, float]], path: Path) -> Path | None:
+    """One panel per metric, one bar per method; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    methods = list(results)
+    metrics = list(next(iter(results.values())))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2))
+    for ax, metric in zip(axes, metrics, strict=True):
+        ax.bar(methods, [results[m][metric] for m in methods], color="tab:blue")
+        ax.set_title(metric)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
