@@ -53,6 +53,11 @@ KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "finetune": [
         ("method", ("method",)),
     ],
+    "evaluate": [
+        ("test bits/byte", ("test", "bits_per_byte")),
+        ("KL bits/byte (story world)", ("source_kl", "storyworld", "kl_bits_per_byte")),
+        ("task accuracy", ("task_accuracy",)),
+    ],
 }
 
 

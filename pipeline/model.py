@@ -21,8 +21,9 @@ Choices worth stating:
 
 Also here: exact parameter counts (`num_params` / `analytic_num_params`), the MFU formula
 (`flops_per_token`, `peak_flops`, `mfu`) and the AdamW parameter grouping
-(`configure_optimizer`). The module imports only torch and the standard library, because the
-GPU benchmark machine has nothing else.
+(`configure_optimizer`), and `KVCache`, the per-layer key/value store that lets
+`GPT.forward(idx, cache=cache)` decode incrementally (pipeline/generate.py uses it). The module
+imports only torch and the standard library, because the GPU benchmark machine has nothing else.
 """
 
 from __future__ import annotations
@@ -173,20 +174,88 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0)
     """softmax(QKᵀ/√d_k + causal mask)·V written out; q, k, v and the result are (B, nh, T, hs).
 
     The slow, obviously-correct twin of the SDPA path, used by tests and by `use_sdpa=False`.
+    With a KV cache k and v are longer (Tk = T_past + T): the T queries are the last T
+    positions, so query i sees keys j <= i + T_past.
     """
-    T, hs = q.size(-2), q.size(-1)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # key j <= query i
+    T, hs, Tk = q.size(-2), q.size(-1), k.size(-2)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, Tk)
+    causal = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)  # j <= i + T_past
     att = att.masked_fill(~causal, float("-inf"))
     att = F.softmax(att, dim=-1)
     att = F.dropout(att, p=dropout_p, training=dropout_p > 0)
     return att @ v  # (B, nh, T, hs)
 
 
+@dataclass
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental decoding.
+
+    `k[layer]` and `v[layer]` are preallocated (B, nh, T_max, hs) buffers; positions
+    [0, length) are filled. `GPT.forward(idx, cache=cache)` treats idx as positions
+    [length, length + T), writes their keys/values and advances `length`, so each decoding step
+    costs one token's work instead of a full forward over the context. Preallocation avoids a
+    torch.cat (a copy of the whole cache) per step. Beam search reorders or expands the batch
+    with `reorder`.
+    """
+
+    k: list[Tensor]  # n_layer x (B, nh, T_max, hs)
+    v: list[Tensor]  # n_layer x (B, nh, T_max, hs)
+    length: int = 0  # positions already cached
+
+    @classmethod
+    def empty(
+        cls,
+        cfg: GPTConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> KVCache:
+        """Zeroed buffers for `batch_size` sequences of up to `max_len` (default block_size)."""
+        max_len = cfg.block_size if max_len is None else max_len
+        if not 1 <= max_len <= cfg.block_size:
+            raise ValueError(
+                f"KVCache max_len must be in [1, block_size={cfg.block_size}], got {max_len}"
+            )
+        shape = (batch_size, cfg.n_head, max_len, cfg.head_size)  # (B, nh, T_max, hs)
+        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        return cls(k, v, 0)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].size(0)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].size(2)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (B_new,) in that order: beam search's parent pointers.
+
+        `index` may repeat rows and have any length, so it also expands a batch-1 prompt cache
+        to B_new beams (index = zeros(B_new)).
+        """
+        index = index.to(self.k[0].device)
+        self.k = [t.index_select(0, index) for t in self.k]  # (B_new, nh, T_max, hs)
+        self.v = [t.index_select(0, index) for t in self.v]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, nh, T, hs) at [length, length + T); return keys/values [0, length + T).
+
+        `length` itself is advanced by GPT.forward once every layer has written.
+        """
+        t0, t1 = self.length, self.length + k.size(2)
+        self.k[layer][:, :, t0:t1] = k
+        self.v[layer][:, :, t0:t1] = v
+        return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]  # (B, nh, t1, hs) each
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with one fused qkv projection.
 
-    Kept as its own module taking x and returning y so a KV cache can be added here later.
+    With a `KVCache` the T new queries attend to the T_past cached keys and causally among
+    themselves; without one (training) it is plain causal attention over x.
     """
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -199,18 +268,32 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.use_sdpa = True  # False: the explicit formula in attention_reference
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
         B, T, C = x.size()  # batch, sequence length, n_embd
+        pos0 = 0 if cache is None else cache.length  # T_past: positions already cached
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if rope is not None:
-            cos, sin = rope[0][:T], rope[1][:T]  # (T, hs/2)
+            cos, sin = rope[0][pos0 : pos0 + T], rope[1][pos0 : pos0 + T]  # (T, hs/2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, T_past + T, hs) each
+            k, v = k.to(q.dtype), v.to(q.dtype)  # SDPA needs one dtype (cache may be fp32)
         dropout_p = self.dropout if self.training else 0.0
-        if self.use_sdpa:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if self.use_sdpa and pos0 > 0 and T > 1:
+            # SDPA's is_causal aligns the mask top-left, wrong when Tk > T: pass it explicitly.
+            mask = torch.ones(T, pos0 + T, dtype=torch.bool, device=x.device).tril(pos0)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        elif self.use_sdpa:  # T_past == 0: causal; T == 1 after a prefix: sees every key
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=pos0 == 0)
         else:
             y = attention_reference(q, k, v, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
@@ -243,8 +326,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), rope)  # (B, T, C)
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -325,29 +414,43 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) float32, and the loss when targets given.
 
         `targets` (B, T) are already shifted by the caller (targets[:, t] = idx[:, t + 1]);
-        positions with target -1 are ignored in the mean.
+        positions with target -1 are ignored in the mean. With a `cache` (decoding), idx holds
+        positions [cache.length, cache.length + T): they attend to the cached keys too, and
+        the cache is advanced by T. The total length must fit block_size (callers crop).
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.size()
         cfg = self.config
-        if idx.size(1) > cfg.block_size:
+        pos0 = 0 if cache is None else cache.length  # position of idx[:, 0]
+        if pos0 + T > cfg.block_size:
             raise ValueError(
-                f"sequence length T={T} exceeds the model's block_size={cfg.block_size}"
+                f"sequence length T={T}"
+                + (f" after {pos0} cached positions" if cache is not None else "")
+                + f" exceeds the model's block_size={cfg.block_size}"
+            )
+        if cache is not None and (cache.batch_size != B or pos0 + T > cache.max_len):
+            raise ValueError(
+                f"KVCache holds batch {cache.batch_size} x {cache.max_len} positions; "
+                f"cannot add idx of shape {tuple(idx.shape)} after {pos0} cached positions"
             )
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
+            x = x + self.wpe(torch.arange(pos0, pos0 + T, device=idx.device))  # (T, C) over B
         elif cfg.pos_encoding == "sinusoidal":
-            x = x + self.pos_table[:T]  # (T, C)
+            x = x + self.pos_table[pos0 : pos0 + T]  # (T, C)
         rope = (self.rope_cos, self.rope_sin) if cfg.pos_encoding == "rotary" else None
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope)  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer)  # (B, T, C)
+        if cache is not None:
+            cache.length = pos0 + T
         x = self.ln_f(x)
         logits = self.lm_head(x).float()  # (B, T, V); float32 even under bf16 autocast
         loss = None

@@ -1,0 +1,121 @@
+"""Stage finetune: task data, SWA averaging, the method comparison and its outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cfg_for, make_project
+from torch.optim.swa_utils import AveragedModel
+
+from pipeline import checkpoint as ckpt
+from pipeline.stages import finetune, pretrain, synthesize, tokenizer, validate
+from pipeline.task_data import IGNORE, tokenize
+
+SMALL = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=128",
+    "pretrain.micro_batch_size=4",
+    "pretrain.tokens_per_step=512",
+    "pretrain.max_steps=6",
+    "pretrain.eval_interval=6",
+    "pretrain.eval_batches=1",
+    "finetune.max_steps=6",
+    "finetune.micro_batch_size=4",
+    "finetune.warmup_steps=2",
+    "finetune.swa_start=0.5",
+    "finetune.swa_anneal_steps=1",
+    "finetune.eval_examples=8",
+    "finetune.sharpness_steps=2",
+    "finetune.hessian_iters=3",
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    root = make_project(
+        tmp_path_factory.mktemp("ft") / "proj",
+        overrides=[
+            "validate.sources=[{kind: storyworld, num_docs: 400}]",
+            "synthesize.entropy_docs=200",
+            "synthesize.finetune_docs=60",
+            "tokenizer.vocab_size=300",
+            *SMALL,
+        ],
+    )
+    cfg = cfg_for(root)
+    for stage in (validate, synthesize, tokenizer, pretrain):
+        stage.run(cfg)
+    return root
+
+
+def test_answers_are_the_only_labelled_positions(pretrained):
+    from pipeline.tokenizer import encode_docs, load_tokenizer
+
+    cfg = cfg_for(pretrained)
+    tok = load_tokenizer(cfg.path("tokenizer") / "tokenizer.json")
+    rows = [{"prompt": "Mia was in the park.\nQ: Where was Mia?\nA:", "answer": " the park"}]
+    task = tokenize(tok, rows, eot_id=0, block_size=128)
+    answer = encode_docs(tok, [" the park"])[0]
+    labelled = [t for t in task.labels[0] if t != IGNORE]
+    assert labelled == [*answer, 0]  # the answer, then end-of-text
+    assert len(task.inputs[0]) == len(task.labels[0])
+    # the label at each answer position is the next input token
+    n = len(task.inputs[0])
+    assert task.labels[0][n - len(answer) - 1 : n - 1] == task.inputs[0][n - len(answer) :]
+
+
+def test_swa_weights_are_the_mean_of_the_snapshots(pretrained, monkeypatch):
+    cfg = cfg_for(pretrained, "finetune.swa_ema=false")
+    snapshots = []
+    real_update = AveragedModel.update_parameters
+
+    def record(self, model):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_update(self, model)
+
+    monkeypatch.setattr(AveragedModel, "update_parameters", record)
+    gcfg, weights = finetune.load_pretrained(cfg)
+    data = finetune.task_data(cfg, gcfg, torch.device("cpu"))
+    model = finetune.train_method("swa", cfg, gcfg, weights, data, torch.device("cpu"))
+    assert len(snapshots) == 3  # steps 3, 4, 5 of 6 with swa_start 0.5
+    for name, value in model.state_dict().items():
+        mean = torch.stack([s[name] for s in snapshots]).mean(0)
+        torch.testing.assert_close(value, mean, rtol=1e-6, atol=1e-7)
+
+
+def test_compare_runs_every_method_from_the_same_start(pretrained):
+    cfg = cfg_for(pretrained, "finetune.compare=true", "finetune.method=sam")
+    report = finetune.run(cfg)
+    assert set(report["methods"]) == set(finetune.METHODS)
+    for r in report["methods"].values():
+        assert 0 <= r["task_accuracy"] <= 1 and r["answer_loss"] > 0
+        assert r["sharpness"] >= 0 and r["top_eigenvalue"] == r["top_eigenvalue"]
+    out = cfg.path("finetune")
+    chosen = ckpt.load_weights(out / "model.safetensors")
+    sam_copy = ckpt.load_weights(out / "methods" / "sam" / "model.safetensors")
+    assert all(torch.equal(chosen[k], sam_copy[k]) for k in chosen)
+    table = (cfg.path("reports") / "finetune.md").read_text()
+    assert "| sam (moves on) |" in table and "| swa |" in table
+    assert json.loads((cfg.path("reports") / "finetune.json").read_text())["method"] == "sam"
+
+
+def test_methods_differ_but_each_is_deterministic(pretrained):
+    cfg = cfg_for(pretrained)
+    gcfg, weights = finetune.load_pretrained(cfg)
+    data = finetune.task_data(cfg, gcfg, torch.device("cpu"))
+    a = finetune.train_method("adamw", cfg, gcfg, weights, data, torch.device("cpu"))
+    b = finetune.train_method("adamw", cfg, gcfg, weights, data, torch.device("cpu"))
+    s = finetune.train_method("sam", cfg, gcfg, weights, data, torch.device("cpu"))
+    sd_a, sd_b, sd_s = a.state_dict(), b.state_dict(), s.state_dict()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert any(not torch.equal(sd_a[k], sd_s[k]) for k in sd_a)
+
+
+def test_missing_pretrained_model_is_a_clear_error(project):
+    with pytest.raises(Exception, match=r"model_config\.json: pretrained model not found"):
+        finetune.run(cfg_for(project))

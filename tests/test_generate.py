@@ -1,0 +1,469 @@
+"""Decoding tests: the KV cache against full forwards, greedy/sampling/beam search, the logit
+filters, eos handling, seeding, config validation and the block_size limits."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pipeline.generate import (
+    DecodeConfig,
+    beam_search,
+    filter_logits,
+    generate,
+    sequence_logprob,
+)
+from pipeline.model import GPT, GPTConfig, KVCache
+
+POS = ["learned", "sinusoidal", "rotary"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and the CI machine's 2 cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def all_logprobs(model: GPT, prompt: list[int], conts: list[list[int]]) -> list[float]:
+    """log p(cont | prompt) for equal-length continuations in one batched full forward."""
+    ids = torch.tensor([prompt + c for c in conts])  # (N, P + L)
+    logp = F.log_softmax(model(ids[:, :-1])[0].double(), dim=-1)[:, len(prompt) - 1 :]
+    return logp.gather(-1, ids[:, len(prompt) :, None]).sum(dim=(1, 2)).tolist()
+
+
+def tiny_model(pos: str = "learned", vocab: int = 7, n_layer: int = 2, seed: int = 0) -> GPT:
+    """A random model with peaked distributions (std 0.3 weights), so argmax has no near-ties."""
+    cfg = GPTConfig(
+        vocab_size=vocab, block_size=16, n_layer=n_layer, n_head=2, n_embd=16, pos_encoding=pos
+    )
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------
+# KV cache against the full forward
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
+@pytest.mark.parametrize("pos", POS)
+def test_cached_logits_equal_full_forward_at_every_step(pos: str, use_sdpa: bool) -> None:
+    model = tiny_model(pos)
+    model.set_use_sdpa(use_sdpa)
+    torch.manual_seed(1)
+    seq = torch.randint(0, 7, (3, 16))  # (B, T): the whole block
+    full = model(seq)[0]  # (B, T, V)
+    cache = KVCache.empty(model.config, 3)
+    # Chunks: a multi-token prefill, single tokens, and multi-token chunks after a prefix
+    # (the explicit-mask path), filling block_size exactly.
+    t = 0
+    for n in (5, 1, 1, 3, 1, 4, 1):
+        logits = model(seq[:, t : t + n], cache=cache)[0]  # (B, n, V)
+        torch.testing.assert_close(logits, full[:, t : t + n], atol=1e-5, rtol=0)
+        t += n
+        assert cache.length == t
+    assert t == 16
+
+
+@pytest.mark.parametrize("pos", POS)
+def test_cache_reorder_selects_and_expands_the_batch(pos: str) -> None:
+    model = tiny_model(pos)
+    seq = torch.tensor([[1, 2, 3, 4], [4, 3, 2, 1]])
+    cache = KVCache.empty(model.config, 2, max_len=8)
+    model(seq[:, :3], cache=cache)
+    cache.reorder(torch.tensor([1, 1, 0]))  # swap, duplicate: (2, ...) -> (3, ...)
+    assert cache.batch_size == 3
+    got = model(seq[[1, 1, 0], 3:], cache=cache)[0][:, -1]  # (3, V)
+    want = model(seq[[1, 1, 0]])[0][:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_cache_past_block_size_raises_naming_block_size() -> None:
+    model = tiny_model()
+    cache = KVCache.empty(model.config, 1)
+    model(torch.zeros(1, 15, dtype=torch.long), cache=cache)
+    model(torch.zeros(1, 1, dtype=torch.long), cache=cache)  # exactly block_size: fine
+    with pytest.raises(ValueError, match="block_size=16"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="block_size"):
+        KVCache.empty(model.config, 1, max_len=17)
+
+
+def test_cache_batch_mismatch_raises() -> None:
+    model = tiny_model()
+    cache = KVCache.empty(model.config, 2)
+    with pytest.raises(ValueError, match="KVCache"):
+        model(torch.zeros(3, 2, dtype=torch.long), cache=cache)
+
+
+# --------------------------------------------------------------------------------------
+# Greedy and sampling
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pos", POS)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DecodeConfig("greedy", max_new_tokens=12),
+        DecodeConfig("sample", max_new_tokens=12, seed=3),
+        DecodeConfig("sample", max_new_tokens=12, temperature=0.7, top_k=4, top_p=0.9, seed=5),
+    ],
+    ids=["greedy", "sample", "sample-filtered"],
+)
+def test_cached_and_uncached_decoding_give_the_same_tokens(pos: str, cfg: DecodeConfig) -> None:
+    model = tiny_model(pos)
+    prompt = torch.tensor([[1, 2, 3], [3, 0, 6]])  # (B, T)
+    cached = generate(model, prompt, cfg, use_cache=True)
+    uncached = generate(model, prompt, cfg, use_cache=False)
+    assert cached.shape == (2, 12)
+    assert torch.equal(cached, uncached)
+
+
+def test_greedy_is_the_argmax_of_the_full_forward() -> None:
+    model = tiny_model()
+    prompt = [1, 2]
+    out = generate(model, prompt, DecodeConfig("greedy", max_new_tokens=6))
+    assert isinstance(out, list) and len(out) == 6
+    seq = list(prompt)
+    for tok in out:
+        assert tok == int(model(torch.tensor([seq]))[0][0, -1].argmax())
+        seq.append(tok)
+
+
+@pytest.mark.parametrize("pos", POS)
+def test_near_zero_temperature_sampling_equals_greedy(pos: str) -> None:
+    model = tiny_model(pos)
+    prompt = torch.tensor([[1, 2, 3], [5, 5, 0]])
+    greedy = generate(model, prompt, DecodeConfig("greedy", max_new_tokens=10))
+    cold = generate(model, prompt, DecodeConfig("sample", max_new_tokens=10, temperature=1e-4))
+    assert torch.equal(greedy, cold)
+
+
+def test_same_seed_same_samples_independent_of_global_rng() -> None:
+    model = tiny_model(vocab=8)
+    prompt = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    cfg = DecodeConfig("sample", max_new_tokens=12, seed=7)
+    torch.manual_seed(0)
+    a = generate(model, prompt, cfg)
+    torch.manual_seed(123)
+    _ = torch.rand(10)
+    b = generate(model, prompt, cfg)
+    assert torch.equal(a, b)
+    others = [generate(model, prompt, DecodeConfig("sample", 12, seed=s)) for s in range(8, 12)]
+    assert any(not torch.equal(a, o) for o in others)
+    # decoding does not advance the global RNG
+    torch.manual_seed(5)
+    generate(model, prompt, cfg)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))
+
+
+def test_eos_stops_a_sequence_and_pads_finished_rows() -> None:
+    model = tiny_model()
+    prompt = torch.tensor([[1, 2, 3], [3, 0, 6]])
+    free = generate(model, prompt, DecodeConfig("greedy", max_new_tokens=10))
+    eos = int(free[0, 2])
+    stop0 = free[0].tolist().index(eos)  # row 0 emits eos first here
+    out = generate(model, prompt, DecodeConfig("greedy", max_new_tokens=10, eos_id=eos))
+    row1 = free[1].tolist()
+    stop1 = row1.index(eos) if eos in row1 else 9
+    assert out.size(1) == max(stop0, stop1) + 1  # stops once every row has emitted eos
+    assert out[0, : stop0 + 1].tolist() == free[0, : stop0 + 1].tolist()
+    assert (out[0, stop0:] == eos).all()  # finished row padded with eos
+    assert out[1, : stop1 + 1].tolist() == row1[: stop1 + 1]
+    assert (out[1, stop1:] == eos).all() or stop1 == 9
+    single = generate(model, [1, 2, 3], DecodeConfig("greedy", max_new_tokens=10, eos_id=eos))
+    assert single == free[0, : stop0 + 1].tolist()  # a list ends at its eos
+
+
+def test_generate_restores_the_training_mode() -> None:
+    model = tiny_model().train()
+    generate(model, [1, 2], DecodeConfig("greedy", max_new_tokens=3))
+    assert model.training
+    model.eval()
+    generate(model, [1, 2], DecodeConfig("sample", max_new_tokens=3))
+    assert not model.training
+
+
+def test_generate_crops_the_prompt_from_the_left() -> None:
+    model = tiny_model("rotary")
+    long_prompt = [i % 7 for i in range(30)]
+    cfg = DecodeConfig("greedy", max_new_tokens=4)
+    out = generate(model, long_prompt, cfg)
+    # block_size 16: the prompt keeps its last 16 - 4 + 1 = 13 tokens
+    assert out == generate(model, long_prompt[-13:], cfg)
+    assert out == generate(model, long_prompt, cfg, use_cache=False)
+    with pytest.raises(ValueError, match="block_size"):
+        generate(model, [1], DecodeConfig("greedy", max_new_tokens=17))
+    assert len(generate(model, [1], DecodeConfig("greedy", max_new_tokens=16))) == 16
+
+
+# --------------------------------------------------------------------------------------
+# Beam search
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("pos", "n_new"), [("learned", 3), ("sinusoidal", 2), ("rotary", 3)])
+def test_full_width_beam_search_finds_the_exact_most_probable_continuation(
+    pos: str, n_new: int
+) -> None:
+    V = 5
+    model = tiny_model(pos, vocab=V)
+    prompt = [1, 4, 2]
+    conts = [list(c) for c in itertools.product(range(V), repeat=n_new)]
+    brute = sorted(zip(all_logprobs(model, prompt, conts), conts, strict=True), reverse=True)
+    assert brute[0][0] == pytest.approx(sequence_logprob(model, prompt, brute[0][1]), abs=1e-9)
+    beams = beam_search(model, prompt, V**n_new, n_new, length_penalty=0.0)
+    assert len(beams) == V**n_new
+    best_seq, best_score = beams[0]
+    assert best_seq == brute[0][1]
+    assert best_score == pytest.approx(brute[0][0], abs=1e-5)
+    assert best_score == pytest.approx(sequence_logprob(model, prompt, best_seq), abs=1e-5)
+    # Every continuation is returned with its exact log-prob, best first.
+    scores = [s for _, s in beams]
+    assert scores == sorted(scores, reverse=True)
+    brute_of = {tuple(c): lp for lp, c in brute}
+    for (seq, score), (lp, _) in zip(beams, brute, strict=True):
+        assert score == pytest.approx(lp, abs=1e-5)  # the same order of scores
+        assert score == pytest.approx(brute_of[tuple(seq)], abs=1e-5)  # each seq its own
+    for seq, score in beams[:5]:
+        assert score == pytest.approx(sequence_logprob(model, prompt, seq), abs=1e-5)
+
+
+@pytest.mark.parametrize("pos", POS)
+def test_beam_search_cached_equals_uncached_and_scores_follow_the_convention(pos: str) -> None:
+    model = tiny_model(pos, vocab=8)
+    prompt = [2, 5, 1]
+    eos, lp = 3, 1.0
+    cached = beam_search(model, prompt, 4, 8, length_penalty=lp, eos_id=eos)
+    uncached = beam_search(model, prompt, 4, 8, length_penalty=lp, eos_id=eos, use_cache=False)
+    assert [s for s, _ in cached] == [s for s, _ in uncached]
+    for (_, a), (_, b) in zip(cached, uncached, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+    assert len(cached) == 4
+    for seq, score in cached:
+        assert eos not in seq[:-1]  # eos only ever ends a beam
+        assert len(seq) == 8 or seq[-1] == eos
+        want = sequence_logprob(model, prompt, seq) / len(seq) ** lp
+        assert score == pytest.approx(want, abs=1e-5)
+    assert [s for _, s in cached] == sorted((s for _, s in cached), reverse=True)
+
+
+def test_single_beam_without_eos_is_greedy() -> None:
+    model = tiny_model("rotary")
+    prompt = [1, 2, 3]
+    greedy = generate(model, prompt, DecodeConfig("greedy", max_new_tokens=8))
+    [(seq, _)] = beam_search(model, prompt, 1, 8, length_penalty=0.0)
+    assert seq == greedy
+    assert generate(model, prompt, DecodeConfig("beam", max_new_tokens=8)) == greedy
+
+
+def test_generate_beam_strategy_returns_the_best_beam() -> None:
+    model = tiny_model(vocab=5)
+    cfg = DecodeConfig("beam", max_new_tokens=3, num_beams=4, length_penalty=0.5, eos_id=2)
+    best = beam_search(model, [1, 4], 4, 3, length_penalty=0.5, eos_id=2)[0][0]
+    assert generate(model, [1, 4], cfg) == best
+    batch = generate(model, torch.tensor([[1, 4], [1, 4]]), cfg)
+    assert batch[0].tolist()[: len(best)] == best
+    assert torch.equal(batch[0], batch[1])
+
+
+# --------------------------------------------------------------------------------------
+# Logit filters
+# --------------------------------------------------------------------------------------
+
+
+def kept(logits: torch.Tensor) -> list[int]:
+    return torch.isfinite(logits[0]).nonzero().view(-1).tolist()
+
+
+@pytest.mark.parametrize(("p", "n_kept"), [(0.3, 1), (0.5, 1), (0.7, 2), (0.8, 2), (0.81, 3)])
+def test_top_p_keeps_the_smallest_set_reaching_p(p: float, n_kept: int) -> None:
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])  # order shuffled: sorting must happen
+    out = filter_logits(probs.log(), top_p=p)
+    assert kept(out) == sorted([1, 3, 0, 2][:n_kept])
+    assert kept(filter_logits(probs.log(), top_p=1.0)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("p", "n_kept"), [(0.25, 1), (0.5, 2), (0.5 + 1e-3, 3), (0.75, 3)])
+def test_top_p_at_an_exact_boundary_keeps_the_smaller_set(p: float, n_kept: int) -> None:
+    # softmax of equal logits is exactly 0.25 each: mass 0.5 reaches p=0.5 with two tokens.
+    assert len(kept(filter_logits(torch.zeros(1, 4), top_p=p))) == n_kept
+
+
+def test_top_k_keeps_k_and_combines_with_top_p_and_temperature() -> None:
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    out = filter_logits(logits, top_k=2)
+    assert torch.isfinite(out).sum(dim=1).tolist() == [2, 2]
+    assert kept(out) == [1, 2]
+    assert kept(filter_logits(logits, top_k=0)) == [0, 1, 2, 3, 4]
+    assert kept(filter_logits(logits, top_k=99)) == [0, 1, 2, 3, 4]
+    # ties: exactly k survive
+    assert torch.isfinite(filter_logits(torch.zeros(1, 6), top_k=3)).sum() == 3
+    # top-k renormalises before top-p: probs over {1, 2} are [0.73, 0.27]
+    assert kept(filter_logits(logits, top_k=2, top_p=0.7)) == [1]
+    assert kept(filter_logits(logits, top_k=2, top_p=0.75)) == [1, 2]
+    # temperature divides the logits, then top-p sees the sharper distribution
+    out = filter_logits(logits, temperature=0.5, top_k=3)
+    torch.testing.assert_close(out[0, [1, 2, 3]], logits[0, [1, 2, 3]] / 0.5)
+    sharp = F.softmax(logits[:1] / 0.1, dim=-1)
+    assert sharp[0, 1] > 0.99
+    assert kept(filter_logits(logits, temperature=0.1, top_p=0.99)) == [1]
+    with pytest.raises(ValueError, match="temperature"):
+        filter_logits(logits, temperature=0.0)
+
+
+# --------------------------------------------------------------------------------------
+# Config validation
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(strategy="topk"), "strategy"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=2.0), "max_new_tokens"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=math.inf), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(num_beams=0), "num_beams"),
+        (dict(num_beams=3), "num_beams"),  # beams need strategy="beam"
+        (dict(length_penalty=math.nan), "length_penalty"),
+        (dict(eos_id=-1), "eos_id"),
+        (dict(seed=True), "seed"),
+    ],
+)
+def test_decode_config_validation_names_the_field(kwargs: dict, field: str) -> None:
+    args = {"strategy": "sample", "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=rf"DecodeConfig\.{field}"):
+        DecodeConfig(**args)
+
+
+def test_decode_config_accepts_beam_settings() -> None:
+    cfg = DecodeConfig("beam", max_new_tokens=4, num_beams=5, length_penalty=0.0, eos_id=0)
+    assert cfg.num_beams == 5
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, -0.5, 2.0])
+def test_full_width_beam_search_with_eos_is_exact_under_the_length_penalty(
+    length_penalty: float,
+) -> None:
+    # Candidates: any eos-free prefix followed by eos, or L tokens without eos. At full width
+    # nothing is pruned, so the early stop must only fire when it cannot change the answer.
+    V, L, eos = 4, 3, 0
+    model = tiny_model("learned", vocab=V, seed=2)
+    prompt = [1, 2]
+    cands = [
+        [*body, eos] for n in range(L) for body in itertools.product(range(1, V), repeat=n)
+    ] + [list(c) for c in itertools.product(range(1, V), repeat=L)]
+    brute = sorted(
+        ((sequence_logprob(model, prompt, c) / len(c) ** length_penalty, c) for c in cands),
+        reverse=True,
+    )
+    beams = beam_search(model, prompt, V**L, L, length_penalty=length_penalty, eos_id=eos)
+    assert beams[0][0] == brute[0][1]
+    assert beams[0][1] == pytest.approx(brute[0][0], abs=1e-5)
+    assert any(seq[-1] == eos for seq, _ in beams)
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.5, 0.0, -1.0, 2.0])
+def test_beam_search_early_stop_never_changes_the_result(length_penalty: float) -> None:
+    # Vocab 3 so eos (id 0) is likely and num_beams finished beams appear early.
+    fired = False
+    for seed in range(4):
+        model = tiny_model("rotary", vocab=3, seed=seed)
+        calls = {"n": 0}
+        real_forward = model.forward
+
+        def counting_forward(*args, _real=real_forward, _calls=calls, **kwargs):
+            _calls["n"] += 1
+            return _real(*args, **kwargs)
+
+        model.forward = counting_forward
+        args = ([1, 2], 3, 12, length_penalty, 0)
+        early = beam_search(model, *args)
+        n_early = calls["n"]
+        full = beam_search(model, *args, early_stopping=False)
+        fired |= n_early < calls["n"] - n_early
+        assert [s for s, _ in early] == [s for s, _ in full]
+        for (_, a), (_, b) in zip(early, full, strict=True):
+            assert a == pytest.approx(b, abs=1e-9)
+    # The early stop was exercised (with a strong length penalty long beams stay hopeful).
+    assert fired or length_penalty > 1
+
+
+@pytest.mark.parametrize(("vocab", "width", "seed"), [(3, 3, 18), (4, 2, 1), (4, 3, 2)])
+def test_beam_search_early_stop_bound_uses_the_longest_length_when_penalty_is_positive(
+    vocab: int, width: int, seed: int
+) -> None:
+    # Cases found by search where a live beam still wins only because its final length
+    # max_new_tokens divides its sum: a bound at the next length would stop too early.
+    model = tiny_model("rotary", vocab=vocab, seed=seed)
+    early = beam_search(model, [1, 2], width, 12, 1.0, eos_id=0)
+    full = beam_search(model, [1, 2], width, 12, 1.0, eos_id=0, early_stopping=False)
+    assert [s for s, _ in early] == [s for s, _ in full]
+
+
+def naive_beam_search(
+    model: GPT, prompt: list[int], width: int, n_new: int, lp: float, eos: int
+) -> list[tuple[list[int], float]]:
+    """Beam search spelled out with sequence_logprob, running to n_new (no early stop)."""
+    V = model.config.vocab_size
+    live, finished = [[]], []
+    for _ in range(n_new):
+        ext = [([*b, t], sequence_logprob(model, prompt, [*b, t])) for b in live for t in range(V)]
+        finished += [(c, lp_ / len(c) ** lp) for c, lp_ in ext if c[-1] == eos]
+        finished = sorted(finished, key=lambda b: -b[1])[:width]
+        live_ext = sorted((e for e in ext if e[0][-1] != eos), key=lambda e: -e[1])[:width]
+        live = [c for c, _ in live_ext]
+    done = finished + [(c, lp_ / len(c) ** lp) for c, lp_ in live_ext]
+    return sorted(done, key=lambda b: -b[1])[:width]
+
+
+@pytest.mark.parametrize(
+    ("width", "lp", "seed"), [(2, 1.0, 0), (3, 0.0, 1), (2, -0.5, 2), (3, 2.0, 3)]
+)
+def test_beam_search_matches_a_naive_reference(width: int, lp: float, seed: int) -> None:
+    model = tiny_model("sinusoidal", vocab=4, seed=seed)
+    prompt = [1, 3]
+    want = naive_beam_search(model, prompt, width, 5, lp, eos=0)
+    for early_stopping in (True, False):
+        got = beam_search(model, prompt, width, 5, lp, eos_id=0, early_stopping=early_stopping)
+        assert [s for s, _ in got] == [s for s, _ in want]
+        for (_, a), (_, b) in zip(got, want, strict=True):
+            assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_sampled_rows_are_padded_with_eos_after_they_finish() -> None:
+    model = tiny_model(vocab=8)
+    prompt = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 1]])
+    for seed in range(3):
+        cfg = DecodeConfig("sample", max_new_tokens=12, temperature=2.0, eos_id=0, seed=seed)
+        out = generate(model, prompt, cfg)
+        for row in out.tolist():
+            if 0 in row:
+                assert set(row[row.index(0) :]) == {0}
+        assert bool((out == 0).any(dim=1).all()) or out.size(1) == 12
+
+
+def test_beam_search_rejects_an_eos_outside_the_vocabulary() -> None:
+    with pytest.raises(ValueError, match="eos_id"):
+        beam_search(tiny_model(vocab=5), [1], 2, 3, eos_id=5)
