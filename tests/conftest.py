@@ -29,3 +29,20 @@ def project(tmp_path: Path) -> Path:
 
 def cfg_for(root: Path, *overrides: str) -> Config:
     return load_config(root, overrides=list(overrides))
+
+
+# Small story-world data: enough for a tokenizer and a few training steps, fast on 2 cores.
+SMALL_DATA = [
+    "validate.sources=[{kind: storyworld, num_docs: 400}]",
+    "synthesize.entropy_docs=200",
+    "tokenizer.vocab_size=300",
+]
+
+
+def prepared_project(base: Path, overrides: list[str], stages: list) -> Path:
+    """A project under `base` with SMALL_DATA + `overrides`, after running `stages` in order."""
+    root = make_project(base / "proj", overrides=[*SMALL_DATA, *overrides])
+    cfg = cfg_for(root)
+    for stage in stages:
+        stage.run(cfg)
+    return root

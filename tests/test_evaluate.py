@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cfg_for, make_project
+from conftest import cfg_for, prepared_project
 
 from pipeline import metrics as M
 from pipeline.data.storyworld import StoryWorld
@@ -38,20 +38,11 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory) -> Path:
-    root = make_project(
-        tmp_path_factory.mktemp("ev") / "proj",
-        overrides=[
-            "validate.sources=[{kind: storyworld, num_docs: 400}]",
-            "synthesize.entropy_docs=200",
-            "synthesize.finetune_docs=40",
-            "tokenizer.vocab_size=300",
-            *SMALL,
-        ],
+    return prepared_project(
+        tmp_path_factory.mktemp("ev"),
+        ["synthesize.finetune_docs=40", *SMALL],
+        [validate, synthesize, tokenizer, pretrain, finetune],
     )
-    cfg = cfg_for(root)
-    for stage in (validate, synthesize, tokenizer, pretrain, finetune):
-        stage.run(cfg)
-    return root
 
 
 def test_report_has_every_section(finetuned):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cfg_for, make_project
+from conftest import cfg_for, prepared_project
 from torch.optim.swa_utils import AveragedModel
 
 from pipeline import checkpoint as ckpt
@@ -37,20 +37,11 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
-    root = make_project(
-        tmp_path_factory.mktemp("ft") / "proj",
-        overrides=[
-            "validate.sources=[{kind: storyworld, num_docs: 400}]",
-            "synthesize.entropy_docs=200",
-            "synthesize.finetune_docs=60",
-            "tokenizer.vocab_size=300",
-            *SMALL,
-        ],
+    return prepared_project(
+        tmp_path_factory.mktemp("ft"),
+        ["synthesize.finetune_docs=60", *SMALL],
+        [validate, synthesize, tokenizer, pretrain],
     )
-    cfg = cfg_for(root)
-    for stage in (validate, synthesize, tokenizer, pretrain):
-        stage.run(cfg)
-    return root
 
 
 def test_answers_are_the_only_labelled_positions(pretrained):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cfg_for, make_project
+from conftest import REPO, cfg_for, prepared_project
 
 from pipeline import checkpoint as ckpt
 from pipeline.checkpoint import CheckpointError
@@ -43,19 +43,11 @@ TINY = [
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory) -> Path:
     """A project with validated, synthesized and tokenized story-world data."""
-    root = make_project(
-        tmp_path_factory.mktemp("pre") / "proj",
-        overrides=[
-            "validate.sources=[{kind: storyworld, num_docs: 400}]",
-            "synthesize.entropy_docs=200",
-            "synthesize.finetune_docs=20",
-            "tokenizer.vocab_size=300",
-        ],
+    return prepared_project(
+        tmp_path_factory.mktemp("pre"),
+        ["synthesize.finetune_docs=20"],
+        [validate, synthesize, tokenizer],
     )
-    cfg = cfg_for(root)
-    for stage in (validate, synthesize, tokenizer):
-        stage.run(cfg)
-    return root
 
 
 def run_cfg(root: Path, name: str, *extra: str):
