@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -29,6 +30,7 @@ PARENT_RUN_ENV = "LMFORGE_PARENT_RUN_ID"
 FLOW_RUN_ENV = "LMFORGE_FLOW_RUN_ID"
 DVC_EXP_ENV = "LMFORGE_DVC_EXPERIMENT"
 _BATCH = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
+_BAD_METRIC_CHARS = re.compile(r"[^\w\-. :/]")
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,11 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def metric_name(key: str) -> str:
+    """A key MLflow accepts: other characters (e.g. the + of sam+swa) become underscores."""
+    return _BAD_METRIC_CHARS.sub("_", key)
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -105,7 +112,7 @@ class Tracker:
         now = int(time.time() * 1000)
         for k, v in flatten(metrics).items():
             if isinstance(v, int | float) and not isinstance(v, bool):
-                self._pending.append(Metric(k, float(v), now, step))
+                self._pending.append(Metric(metric_name(k), float(v), now, step))
         if len(self._pending) >= _BATCH:
             self.flush()
 

@@ -79,3 +79,11 @@ def test_relative_sqlite_uri_is_anchored_at_the_root(project, monkeypatch):
     assert tracking.tracking_uri(cfg) == f"sqlite:///{project.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert tracking.tracking_uri(cfg) == "http://mlflow:5000"
+
+
+def test_metric_names_are_made_valid_for_mlflow(tracked):
+    with tracking.start_run(tracked, "finetune") as t:
+        t.log_metrics({"sam+swa": {"task_accuracy": 0.5}})
+        run_id = t.run_id
+    client = mlflow.MlflowClient(tracking.tracking_uri(tracked))
+    assert client.get_run(run_id).data.metrics == {"sam_swa.task_accuracy": 0.5}
