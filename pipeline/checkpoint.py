@@ -169,3 +169,20 @@ def load(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         raise CheckpointError(f"{ckpt}: does not match the model or optimizer ({e})") from None
     set_rng_state(state.rng)
     return state
+
+
+def read_model_files(folder: Path, weights: Path | None = None, hint: str = "") -> tuple[Any, dict]:
+    """(GPTConfig, state dict) of a model folder: `model_config.json` + safetensors weights.
+
+    `hint` names the stage that writes the folder, for the error when it is missing.
+    """
+    from pipeline.model import GPTConfig
+
+    config_path = folder / "model_config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: model not found{'; ' + hint if hint else ''}")
+    try:
+        gcfg = GPTConfig(**json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: not a model config ({e})") from None
+    return gcfg, load_weights(weights or folder / "model.safetensors")

@@ -108,5 +108,7 @@ def test_methods_differ_but_each_is_deterministic(pretrained):
 
 
 def test_missing_pretrained_model_is_a_clear_error(project):
-    with pytest.raises(Exception, match=r"model_config\.json: pretrained model not found"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"model_config\.json: model not found; run `dvc repro pretrain`"
+    ):
         finetune.run(cfg_for(project))

@@ -20,7 +20,6 @@ Reports, into `reports/evaluate.json` (DVC metrics), `reports/evaluate.md` and M
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -39,7 +38,7 @@ from pipeline.data.ingest import storyworld_spec
 from pipeline.errors import LmforgeError
 from pipeline.generate import DecodeConfig, generate
 from pipeline.io_utils import atomic_write_json, atomic_write_text
-from pipeline.model import GPT, GPTConfig
+from pipeline.model import GPT
 from pipeline.seeding import derive_seed
 from pipeline.shards import read_meta, read_shard
 from pipeline.stage_runner import stage_main
@@ -53,11 +52,9 @@ LN2 = math.log(2)
 
 def load_model(folder: Path, weights: Path | None = None) -> GPT:
     """A GPT from `folder/model_config.json` and its safetensors weights, in eval mode."""
-    config_path = folder / "model_config.json"
-    if not config_path.is_file():
-        raise LmforgeError(f"{config_path}: model not found; run the stage that writes it")
-    model = GPT(GPTConfig(**json.loads(config_path.read_text())))
-    model.load_state_dict(ckpt.load_weights(weights or folder / "model.safetensors"))
+    gcfg, state = ckpt.read_model_files(folder, weights, hint="run `dvc repro finetune`")
+    model = GPT(gcfg)
+    model.load_state_dict(state)
     return model.eval()
 
 

@@ -66,14 +66,7 @@ class Data:
 
 
 def load_pretrained(cfg: Config) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    folder = cfg.path("pretrain")
-    config_path = folder / "model_config.json"
-    if not config_path.is_file():
-        raise LmforgeError(f"{config_path}: pretrained model not found; run `dvc repro pretrain`")
-    import json
-
-    gcfg = GPTConfig(**json.loads(config_path.read_text()))
-    return gcfg, ckpt.load_weights(folder / "model.safetensors")
+    return ckpt.read_model_files(cfg.path("pretrain"), hint="run `dvc repro pretrain`")
 
 
 def task_data(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Data:
