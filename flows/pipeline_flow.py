@@ -58,7 +58,16 @@ KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("KL bits/byte (story world)", ("source_kl", "storyworld", "kl_bits_per_byte")),
         ("task accuracy", ("task_accuracy",)),
     ],
+    "register": [
+        ("registered", ("registered",)),
+        ("version", ("version",)),
+        ("alias", ("alias",)),
+        ("why not", ("reason",)),
+    ],
 }
+
+# Reports beside reports/<stage>.json that the summary reads too (not DVC outputs).
+EXTRA_REPORTS = {"register": "register_version.json"}
 
 
 class StageFailed(RuntimeError):
@@ -90,6 +99,9 @@ def key_metrics(root: Path, stage: str) -> dict[str, Any]:
     if not path.is_file():
         return {}
     report = json.loads(path.read_text())
+    extra = cfg_reports / EXTRA_REPORTS.get(stage, "-")
+    if extra.is_file():  # e.g. the registered version, which DVC does not track
+        report |= json.loads(extra.read_text())
     return {label: _dig(report, keys) for label, keys in KEY_METRICS.get(stage, [])}
 
 
@@ -131,7 +143,8 @@ def summary_markdown(results: list[dict[str, Any]], parent_run_id: str | None) -
         "|---|---|---|---|",
     ]
     for r in results:
-        figures = ", ".join(f"{k}: {_fmt(v)}" for k, v in r["metrics"].items())
+        shown = {k: v for k, v in r["metrics"].items() if v is not None}
+        figures = ", ".join(f"{k}: {_fmt(v)}".replace("|", "\\|") for k, v in shown.items())
         lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {figures} |")
     if parent_run_id:
         lines += ["", f"MLflow parent run: `{parent_run_id}`"]

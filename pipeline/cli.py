@@ -4,13 +4,17 @@ lmforge config show --preset ci --set seed=7    # print the resolved, checked co
 lmforge config keys                            # every key with its type and meaning
 lmforge stage validate --set validate.max_chars=8000   # one stage, in-process
 lmforge run --preset ci                         # the Prefect flow over DVC
+lmforge generate --model models:/lmforge-gpt@champion "once upon a time"
+lmforge export --format hf --model models:/lmforge-gpt@champion --out exports/hf
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-from typing import Annotated
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -101,6 +105,147 @@ def run(preset: PresetOpt = None, set_: SetOpt = None) -> None:
         typer.echo(f"           parent run {result['mlflow_parent_run_id']}")
     typer.echo("  Prefect: prefect server start   (then open the flow run lm-pipeline)")
     typer.echo("  DVC:     dvc status; dvc metrics show")
+
+
+def _tracking_uri_for_cli() -> str | None:
+    """The project's tracking URI when run inside a project (MLFLOW_TRACKING_URI wins)."""
+    from pipeline.tracking import tracking_uri
+
+    try:
+        return tracking_uri(load_config())
+    except ConfigError:
+        return None  # outside a project: MLflow's own default / environment
+
+
+def _is_mlflow_uri(model: str) -> bool:
+    return model.split(":/", 1)[0] in ("models", "runs", "file", "s3", "gs", "http", "https")
+
+
+def _default_model() -> str:
+    try:
+        return f"models:/{load_config().register.model_name}@champion"
+    except ConfigError:
+        return "models:/lmforge-gpt@champion"
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="an MLflow model URI (models:/NAME@champion, runs:/ID/model) or a model folder; "
+        "default: models:/<register.model_name>@champion",
+    ),
+]
+TokenizerOpt = Annotated[
+    Path | None,
+    typer.Option(help="tokenizer.json, for a model folder without one (e.g. models/finetune)"),
+]
+
+
+@app.command("generate")
+def generate_text(
+    prompts: Annotated[list[str], typer.Argument(help="one or more prompts")],
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    strategy: Annotated[str | None, typer.Option(help="greedy | sample | beam")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option()] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    top_k: Annotated[int | None, typer.Option()] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    num_beams: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Generate text from a registered model (or a model folder); one line per prompt.
+
+    Options left out take the model's registered defaults (`register.decoding`).
+    """
+    from pipeline.errors import LmforgeError
+
+    uri = model or _default_model()
+    given = {
+        "strategy": strategy,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "num_beams": num_beams,
+        "seed": seed,
+    }
+    params: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    try:
+        if _is_mlflow_uri(uri):
+            texts = _generate_mlflow(uri, prompts, params)
+        else:
+            from pipeline.textgen import TextGenerator
+
+            texts = TextGenerator.from_folder(Path(uri), tokenizer).complete(prompts, params)
+    except LmforgeError as e:
+        _fail(str(e), 1)
+    for text in texts:
+        typer.echo(text)
+
+
+def _generate_mlflow(uri: str, prompts: list[str], params: dict[str, Any]) -> list[str]:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import LmforgeError
+
+    tracking = _tracking_uri_for_cli()
+    if tracking:
+        mlflow.set_tracking_uri(tracking)
+    try:
+        loaded = mlflow.pyfunc.load_model(uri)
+    except MlflowException as e:
+        raise LmforgeError(
+            f"cannot load {uri} from {mlflow.get_tracking_uri()}: {e.message}; "
+            "has `dvc repro register` registered a version?"
+        ) from None
+    return list(loaded.predict(list(prompts), params=params or None))
+
+
+@app.command("export")
+def export(
+    out: Annotated[Path, typer.Option(help="folder to write (replaced atomically)")],
+    format_: Annotated[str, typer.Option("--format", help="export format: hf")] = "hf",
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+) -> None:
+    """Export a model for Hugging Face transformers (GPT2LMHeadModel, identical logits)."""
+    from pipeline.errors import LmforgeError
+
+    if format_ != "hf":
+        _fail(f"unknown --format {format_!r}; supported: hf", 2)
+    uri = model or _default_model()
+    try:
+        from pipeline.export_hf import export_hf
+
+        with tempfile.TemporaryDirectory(prefix="lmforge-export-") as tmp:
+            folder = Path(uri)
+            if _is_mlflow_uri(uri):
+                folder = _download_model(uri, Path(tmp))
+            tok = tokenizer or folder / "tokenizer.json"
+            written = export_hf(folder, tok, out)
+    except LmforgeError as e:
+        _fail(str(e), 1)
+    typer.echo(f"wrote {written} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+def _download_model(uri: str, dest: Path) -> Path:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import LmforgeError
+    from pipeline.registry import download_package
+
+    tracking = _tracking_uri_for_cli()
+    if tracking:
+        mlflow.set_tracking_uri(tracking)
+    try:
+        return download_package(uri, dest)
+    except MlflowException as e:
+        raise LmforgeError(f"cannot download {uri}: {e.message}") from None
 
 
 if __name__ == "__main__":

@@ -261,6 +261,42 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """The quality gate: a model failing any threshold is not registered (permissive = off)."""
+
+    max_test_bits_per_byte: float = spec("highest allowed test bits per byte", min=0.0)
+    max_ece: float = spec("highest allowed expected calibration error", min=0.0, max=1.0)
+    min_task_accuracy: float = spec("lowest allowed exact-match task accuracy", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """Default decoding of the served model; every key can be overridden per request."""
+
+    strategy: Literal["greedy", "sample", "beam"] = spec("greedy, sample or beam search")
+    max_new_tokens: int = spec("longest continuation", min=1)
+    temperature: float = spec("sampling temperature", min=1e-4, max=10.0)
+    top_k: int = spec("top-k sampling cut-off (0 = off)", min=0)
+    top_p: float = spec("nucleus sampling mass (1 = off)", min=0.01, max=1.0)
+    num_beams: int = spec("beam width (strategy beam)", min=1, max=64)
+    seed: int = spec("sampling seed", min=0)
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """MLflow Model Registry: quality gate, versions, champion/challenger aliases, model card."""
+
+    model_name: str = spec("registered model name")
+    gate: GateConfig = spec("quality gate thresholds")
+    promote_margin: float = spec(
+        "test bits/byte by which a challenger must beat the champion to replace it", min=0.0
+    )
+    compare_docs: int = spec("test documents both models score for the comparison", min=1)
+    decoding: DecodingConfig = spec("default decoding of the served model")
+    card_samples: int = spec("decoding samples shown in the model card", min=0, max=50)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole of params.yaml. `root` is the project root, not a key of the file."""
 
@@ -275,6 +311,7 @@ class Config:
     pretrain: PretrainConfig = spec("stage pretrain")
     finetune: FinetuneConfig = spec("stage finetune")
     evaluate: EvaluateConfig = spec("stage evaluate")
+    register: RegisterConfig = spec("stage register")
     root: Path = field(default=Path("."), metadata={"internal": True})
 
     def path(self, key: str) -> Path:

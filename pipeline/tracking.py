@@ -161,7 +161,7 @@ class Tracker:
         )
 
 
-def _mlflow_or_none() -> Any:
+def mlflow_or_none() -> Any:
     try:
         import mlflow
     except ImportError:
@@ -175,7 +175,7 @@ def start_run(cfg: Config, stage: str, rank: int = 0) -> Iterator[Tracker]:
 
     The run ends FINISHED on success and FAILED if the stage raises.
     """
-    mlflow = _mlflow_or_none() if cfg.tracking.enabled and rank == 0 else None
+    mlflow = mlflow_or_none() if cfg.tracking.enabled and rank == 0 else None
     if mlflow is None:
         if cfg.tracking.enabled and rank == 0:
             log.warning("mlflow is not installed: tracking is off for stage %s", stage)
@@ -222,7 +222,7 @@ def open_parent_run(cfg: Config, name: str, tags: Mapping[str, Any]) -> str | No
 
     Stage processes join it as children through `$LMFORGE_PARENT_RUN_ID`.
     """
-    mlflow = _mlflow_or_none() if cfg.tracking.enabled else None
+    mlflow = mlflow_or_none() if cfg.tracking.enabled else None
     if mlflow is None:
         return None
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))

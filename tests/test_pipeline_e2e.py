@@ -96,6 +96,15 @@ def test_flow_runs_every_stage_then_skips_them(repo_copy, prefect_api, monkeypat
         f.path for f in client.list_artifacts(train_run.info.run_id, "plots")
     ]
 
+    registered = json.loads((repo_copy / "reports" / "register.json").read_text())
+    assert registered["registered"] and registered["gate"]["passed"]
+    champion = client.get_model_version_by_alias(cfg.register.model_name, "champion")
+    assert str(champion.version) == "1" and champion.tags["prefect_flow_run_id"]
+    assert champion.tags["git_commit"] == git(repo_copy, "rev-parse", "HEAD").strip()
+    (reg_run,) = [r for r in children if r.info.run_name == "register"]
+    assert champion.tags["mlflow_run_id.pretrain"] == train_run.info.run_id
+    assert champion.run_id == reg_run.info.run_id
+
     second = lm_pipeline(root=str(repo_copy))
     assert all(r["status"].startswith("skipped") for r in second["stages"])
     status = dvc(repo_copy, "status")

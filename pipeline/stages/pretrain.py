@@ -42,7 +42,14 @@ from pipeline.batches import BatchStream, eval_batches
 from pipeline.config import Config
 from pipeline.errors import LmforgeError
 from pipeline.io_utils import atomic_dir, atomic_write_json
-from pipeline.model import GPT, GPTConfig, configure_optimizer, mfu, peak_flops
+from pipeline.model import (
+    GPT,
+    GPTConfig,
+    configure_optimizer,
+    flops_per_token,
+    mfu,
+    peak_flops,
+)
 from pipeline.plots import loss_curve_png
 from pipeline.progress import Progress
 from pipeline.seeding import derive_seed
@@ -254,7 +261,7 @@ def fit(t: Trainer, tracker) -> dict[str, Any]:
     progress.done = t.start_step
     pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
     last_good = t.start_step
-    t_last = time.perf_counter()
+    t_start = t_last = time.perf_counter()
     for step, micro in enumerate(t.stream.steps(t.start_step, p.max_steps), start=t.start_step):
         loss, norm = t.train_step(micro, step)
         pending.append((step, loss, norm, lr_at(step, cfg)))
@@ -294,7 +301,15 @@ def fit(t: Trainer, tracker) -> dict[str, Any]:
                 f"{cfg.path('checkpoints')}/step_{done:07d}. Run the stage again to resume."
             )
     progress.close()
-    return {"last_checkpoint_step": last_good}
+    # Wall time is a property of this run, not of the outputs: MLflow gets it, the DVC
+    # metrics file (which must be identical when the run is reproduced) does not.
+    wall = time.perf_counter() - t_start
+    timing = {
+        "wall_seconds": wall,
+        "mean_tokens_per_s": (p.max_steps - t.start_step) * tokens_per_step / max(wall, 1e-9),
+    }
+    tracker.log_metrics(timing)
+    return {"last_checkpoint_step": last_good, **timing}
 
 
 def flush_steps(pending, tok_s: float, mfu_value: float) -> list[dict[str, float]]:
@@ -331,10 +346,14 @@ def write_outputs(t: Trainer, result: dict[str, Any]) -> dict[str, Any]:
     if not t.info.is_main:
         return {}
     final_eval = {k: v for k, v in t.history[-1].items() if k.startswith("val_")}
+    tokens = cfg.pretrain.max_steps * cfg.pretrain.tokens_per_step
     report = {
         "steps": cfg.pretrain.max_steps,
         "params": t.raw.num_params(),
-        "tokens_seen": cfg.pretrain.max_steps * cfg.pretrain.tokens_per_step,
+        "tokens_seen": tokens,
+        "flops": flops_per_token(t.raw.config, t.raw.num_params()) * tokens,  # 6N + attention
+        "device": t.info.device.type,
+        "world_size": t.info.world_size,
         "train_loss": t.history[-1]["loss"],
         **final_eval,
     }

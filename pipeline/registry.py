@@ -1,0 +1,118 @@
+"""MLflow Model Registry operations used by the register stage: versions, aliases, lookups.
+
+Aliases carry the deployment state, not version stages (deprecated in MLflow 2.9+):
+- `challenger`: the newest version that passed the quality gate and did not beat the
+  champion (it is cleared when its version is promoted);
+- `champion`: the version `models:/<name>@champion` serves.
+
+Everything here takes an `MlflowClient`, so tests can point it at a throwaway SQLite store.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import LmforgeError
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MAX_DESCRIPTION = 5000  # the SQL stores cap model version descriptions at 5000 characters
+
+
+def version_by_alias(client: Any, name: str, alias: str) -> Any | None:
+    """The version of `name` holding `alias`, or None when the model or alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def ensure_registered_model(client: Any, name: str, description: str) -> None:
+    """Create the registered model on first use (no-op when it exists)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=description)
+        log.info("created registered model %r", name)
+
+
+def create_version(
+    client: Any, name: str, model_uri: str, run_id: str, tags: dict[str, str], description: str
+) -> Any:
+    """A new version of `name` from a logged model, with lineage tags and a description."""
+    if len(description) > MAX_DESCRIPTION:
+        cut = description[: MAX_DESCRIPTION - 80].rsplit("\n", 1)[0]
+        description = cut + "\n\n... (truncated: MODEL_CARD.md in the model artifacts is whole)"
+    return client.create_model_version(
+        name, source=model_uri, run_id=run_id, tags=tags, description=description
+    )
+
+
+def promote(client: Any, name: str, version: str) -> None:
+    """Point `champion` at `version` and clear `challenger` if it pointed there."""
+    client.set_registered_model_alias(name, CHAMPION, version)
+    challenger = version_by_alias(client, name, CHALLENGER)
+    if challenger is not None and str(challenger.version) == str(version):
+        client.delete_registered_model_alias(name, CHALLENGER)
+
+
+def stage_run_ids(
+    client: Any, experiment_id: str, parent_run_id: str | None, stages: tuple[str, ...]
+) -> dict[str, str]:
+    """MLflow run id of the run that produced each stage's current outputs.
+
+    A stage that ran under this pipeline's parent run is that child run; a stage DVC skipped
+    (its outputs were up to date) is the latest finished run of that stage in the experiment.
+    """
+    found: dict[str, str] = {}
+    if parent_run_id:
+        children = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+            order_by=["attributes.start_time DESC"],
+        )
+        for r in children:
+            found.setdefault(r.data.tags.get("lmforge.stage", ""), r.info.run_id)
+    for stage in stages:
+        if stage in found:
+            continue
+        latest = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`lmforge.stage` = '{stage}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if latest:
+            found[stage] = latest[0].info.run_id
+    return {s: found[s] for s in stages if s in found}
+
+
+def download_package(model_uri: str, dest: Path) -> Path:
+    """Download a registered lmforge model and return its model package folder.
+
+    `model_uri` is any MLflow model URI (`models:/name@champion`, `models:/name/3`,
+    `runs:/<id>/model`); the package is the pyfunc's `package` artifact.
+    """
+    import mlflow
+    import yaml
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
+    mlmodel = local / "MLmodel"
+    if not mlmodel.is_file():
+        raise LmforgeError(f"{model_uri}: no MLmodel file; not an MLflow model")
+    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function")
+    artifacts = (flavor or {}).get("artifacts") or {}
+    if "package" not in artifacts:
+        raise LmforgeError(
+            f"{model_uri}: not an lmforge model (its pyfunc has no 'package' artifact; "
+            "register it with `dvc repro register`)"
+        )
+    return local / artifacts["package"]["path"]
