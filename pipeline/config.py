@@ -297,6 +297,24 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True)
+class SweepSize:
+    """One model size of the scaling sweep (the rest of the architecture is `model`)."""
+
+    n_layer: int = spec("transformer blocks", min=1)
+    n_head: int = spec("attention heads", min=1)
+    n_embd: int = spec("model width (divisible by n_head)", min=1)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The scaling-law sweep (flows/scaling_flow.py): model sizes x token budgets."""
+
+    sizes: list[SweepSize] = spec("model sizes, each pretrained at every budget")
+    steps: list[int] = spec("optimizer steps per run; tokens = steps x pretrain.tokens_per_step")
+    eval_batches: int = spec("validation batches for each point's final loss", min=1)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole of params.yaml. `root` is the project root, not a key of the file."""
 
@@ -312,6 +330,7 @@ class Config:
     finetune: FinetuneConfig = spec("stage finetune")
     evaluate: EvaluateConfig = spec("stage evaluate")
     register: RegisterConfig = spec("stage register")
+    sweep: SweepConfig = spec("scaling-law sweep (not a DVC stage)")
     root: Path = field(default=Path("."), metadata={"internal": True})
 
     def path(self, key: str) -> Path:
