@@ -5,15 +5,27 @@
 
 Prefect orchestrates, DVC decides: every task calls `dvc repro <stage>`, so a stage whose
 deps and params are unchanged is skipped by DVC, and DVC records what ran in dvc.lock.
-A preset and `--set` overrides are written into params.yaml first (as `dvc exp run -S`
-does), after the strict loader has checked them. The flow opens the MLflow parent run and
-hands its id to the stage processes, which log as its children.
+When `dvc status` finds nothing stale, no stage process is started at all.
+
+A run, in order:
+1. takes the workspace lock (a second run on the same work tree fails with a clear message);
+2. writes the preset and `--set` overrides into params.yaml (as `dvc exp run -S` does),
+   after the strict loader has checked them;
+3. opens the MLflow parent run, tagged with the git commit, the DVC experiment name and the
+   Prefect flow run id, and hands its id to the stage processes (their runs are children);
+4. runs the stages; only transient failures (exit code 75, e.g. an unreachable tracking
+   server) are retried; a gate or bad-input failure fails fast and shows its report;
+5. saves the workspace as a named DVC experiment (`dvc exp save`: params.yaml, dvc.lock and
+   the metrics files) and pushes the outputs to the DVC remote;
+6. publishes Prefect artifacts: the summary, the GX result, the evaluation table and the
+   registered model; a failed quality gate then fails the run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,13 +33,21 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows import artifacts
 from pipeline.config import load_config
+from pipeline.errors import EXIT_TRANSIENT, is_transient
 from pipeline.params_file import apply_to_params
 from pipeline.stages import STAGES
-from pipeline.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, close_run, open_parent_run
+from pipeline.tracking import (
+    DVC_EXP_ENV,
+    FLOW_RUN_ENV,
+    PARENT_RUN_ENV,
+    close_run,
+    open_parent_run,
+)
+from pipeline.workspace_lock import workspace_lock
 
 # The figures shown per stage in the run summary: (label, path into reports/<stage>.json).
 KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
@@ -73,17 +93,35 @@ EXTRA_REPORTS = {"register": "register_version.json"}
 class StageFailed(RuntimeError):
     """`dvc repro <stage>` exited non-zero; the message carries the end of its output."""
 
+    def __init__(self, stage: str, exit_code: int | None, tail: str) -> None:
+        super().__init__(f"stage {stage} failed (dvc repro {stage}):\n{tail}")
+        self.stage, self.exit_code, self.tail = stage, exit_code, tail
 
-def stage_env(root: Path, parent_run_id: str | None) -> dict[str, str]:
+    @property
+    def transient(self) -> bool:
+        return self.exit_code == EXIT_TRANSIENT
+
+
+class QualityGateFailed(RuntimeError):
+    """The register stage's quality gate rejected the model (nothing was registered)."""
+
+
+def stage_env(root: Path, parent_run_id: str | None, experiment: str | None) -> dict[str, str]:
     """Environment for DVC and the stage processes it starts."""
     env = dict(os.environ)
     # DVC runs `python -m ...` through a shell: make it this interpreter's python.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
     env[FLOW_RUN_ENV] = str(flow_run.get_id() or "")
+    if experiment:
+        env[DVC_EXP_ENV] = experiment
     if parent_run_id:
         env[PARENT_RUN_ENV] = parent_run_id
     return env
+
+
+def dvc(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=root, env=env, capture_output=True, text=True)
 
 
 def _dig(report: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -105,7 +143,35 @@ def key_metrics(root: Path, stage: str) -> dict[str, Any]:
     return {label: _dig(report, keys) for label, keys in KEY_METRICS.get(stage, [])}
 
 
-@task(name="dvc-repro", task_run_name="{stage}")
+def stale_stages(root: Path, env: dict[str, str]) -> bool:
+    """Whether `dvc status` reports anything to run (True when it cannot tell)."""
+    status = dvc(root, env, "status", "--json")
+    if status.returncode != 0:
+        return True
+    try:
+        return bool(json.loads(status.stdout or "{}"))
+    except json.JSONDecodeError:
+        return True
+
+
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry a stage only after a transient failure (exit 75)."""
+    try:
+        state.result()
+    except StageFailed as e:
+        return e.transient
+    except Exception as e:  # any other error: retry only if transient
+        return is_transient(e)
+    return False
+
+
+@task(
+    name="dvc-repro",
+    task_run_name="{stage}",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=_retry_transient,
+)
 def repro_stage(stage: str, root: str, env: dict[str, str]) -> dict[str, Any]:
     """Run `dvc repro <stage>`, streaming its output into the Prefect log."""
     logger = get_run_logger()
@@ -125,7 +191,9 @@ def repro_stage(stage: str, root: str, env: dict[str, str]) -> dict[str, Any]:
         logger.info("%s | %s", stage, line.rstrip())
     if proc.wait() != 0:
         tail = "\n".join(lines[-30:])
-        raise StageFailed(f"stage {stage} failed (dvc repro {stage}):\n{tail}")
+        # DVC reports the stage command's own exit code: "... exited with 75"
+        codes = re.findall(r"exited with (\d+)", tail)
+        raise StageFailed(stage, int(codes[-1]) if codes else None, tail)
     ran = any(f"Running stage '{stage}'" in line for line in lines)
     return {
         "stage": stage,
@@ -135,54 +203,122 @@ def repro_stage(stage: str, root: str, env: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def summary_markdown(results: list[dict[str, Any]], parent_run_id: str | None) -> str:
-    lines = [
-        "# lm-pipeline run",
-        "",
-        "| stage | status | seconds | key metrics |",
-        "|---|---|---|---|",
-    ]
-    for r in results:
-        shown = {k: v for k, v in r["metrics"].items() if v is not None}
-        figures = ", ".join(f"{k}: {_fmt(v)}".replace("|", "\\|") for k, v in shown.items())
-        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {figures} |")
-    if parent_run_id:
-        lines += ["", f"MLflow parent run: `{parent_run_id}`"]
-    return "\n".join(lines)
+@task(name="open-mlflow-parent-run", retries=2, retry_delay_seconds=[5, 30])
+def open_parent(root: str, tags: dict[str, str]) -> str | None:
+    """The MLflow parent run (retried: the tracking server may be briefly unreachable)."""
+    return open_parent_run(load_config(Path(root)), "lm-pipeline", tags)
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def experiment_name(preset: str | None) -> str:
+    """A DVC experiment name: preset, UTC time and the flow run's short id (unique)."""
+    run_id = str(flow_run.get_id() or "local")[:8]
+    return f"{preset or 'params'}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{run_id}"
+
+
+def save_experiment(root: Path, env: dict[str, str], name: str) -> str | None:
+    """`dvc exp save -n <name>`: params.yaml, dvc.lock and the metrics files, by name."""
+    reports = load_config(root).path("reports")
+    tracked = [p for p in reports.glob("*.json") if not p.name.endswith(".failed.json")]
+    tracked = [p for p in tracked if p.name not in EXTRA_REPORTS.values()]
+    tracked += [*reports.glob("*.md"), *(reports / "plots").glob("*.json")]
+    include = [a for p in sorted(tracked) for a in ("-I", str(p.relative_to(root)))]
+    saved = dvc(root, env, "exp", "save", "-f", "-n", name, *include, "-I", "dvc.lock")
+    if saved.returncode != 0:
+        get_run_logger().warning("dvc exp save failed:\n%s", saved.stderr.strip()[-2000:])
+        return None
+    return name
+
+
+def push_outputs(root: Path, env: dict[str, str]) -> bool:
+    """`dvc push` of every stage's outputs to the default remote."""
+    pushed = dvc(root, env, "push")
+    if pushed.returncode != 0:
+        get_run_logger().warning("dvc push failed:\n%s", pushed.stderr.strip()[-2000:])
+    return pushed.returncode == 0
+
+
+def run_stages(root: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    """Every stage in chain order; when nothing is stale, no stage process starts."""
+    if not stale_stages(root, env):
+        return [
+            {
+                "stage": s,
+                "status": "skipped (unchanged)",
+                "seconds": 0.0,
+                "metrics": key_metrics(root, s),
+            }
+            for s in STAGES
+        ]
+    results = []
+    for stage in STAGES:
+        try:
+            results.append(repro_stage(stage, str(root), env))
+        except StageFailed as e:
+            reports = load_config(root).path("reports")
+            artifacts.publish(
+                "stage-failure",
+                artifacts.failure_markdown(stage, reports, e.tail),
+                f"stage {stage} failed",
+            )
+            raise
+    return results
 
 
 @flow(name="lm-pipeline", log_prints=True)
 def lm_pipeline(
-    preset: str | None = None, overrides: list[str] | None = None, root: str = "."
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    root: str = ".",
+    push: bool = True,
 ) -> dict[str, Any]:
     """Run every stage in chain order through DVC; return each stage's status and metrics."""
     logger = get_run_logger()
     root_path = Path(root).resolve()
-    changed = apply_to_params(root_path, preset, overrides or [])
-    if changed:
-        logger.info("params.yaml updated (%s): %s", preset or "overrides", ", ".join(changed))
-    cfg = load_config(root_path)
-    parent = open_parent_run(
-        cfg,
-        "lm-pipeline",
-        {"lmforge.prefect_flow_run_id": flow_run.get_id() or "", "preset": preset},
+    with workspace_lock(root_path, owner=str(flow_run.get_id() or "")):
+        changed = apply_to_params(root_path, preset, overrides or [])
+        if changed:
+            logger.info("params.yaml updated (%s): %s", preset or "overrides", ", ".join(changed))
+        cfg = load_config(root_path)
+        name = experiment_name(preset)
+        tags = {
+            "lmforge.prefect_flow_run_id": str(flow_run.get_id() or ""),
+            "lmforge.dvc_experiment": name,
+            "preset": preset or "",
+        }
+        parent = open_parent(str(root_path), tags)
+        env = stage_env(root_path, parent, name)
+        results: list[dict[str, Any]] = []
+        try:
+            results = run_stages(root_path, env)
+        finally:
+            close_run(
+                cfg,
+                parent,
+                len(results) == len(STAGES),
+                {f"{r['stage']}_seconds": r["seconds"] for r in results},
+            )
+        experiment = save_experiment(root_path, env, name)
+        pushed = push_outputs(root_path, env) if push else False
+    reports = cfg.path("reports")
+    artifacts.publish(
+        "lm-pipeline-summary",
+        artifacts.summary_markdown(results, parent, experiment),
+        "stage status, durations and key metrics",
     )
-    env = stage_env(root_path, parent)
-    results: list[dict[str, Any]] = []
-    try:
-        for stage in STAGES:
-            results.append(repro_stage(stage, str(root_path), env))
-    finally:
-        ok = len(results) == len(STAGES)
-        close_run(cfg, parent, ok, {f"{r['stage']}_seconds": r["seconds"] for r in results})
-    create_markdown_artifact(summary_markdown(results, parent), key="lm-pipeline-summary")
+    artifacts.publish("gx-validation", artifacts.gx_markdown(reports), "Great Expectations")
+    artifacts.publish("evaluation", artifacts.evaluation_markdown(reports), "evaluation tables")
+    artifacts.publish("registered-model", artifacts.registry_markdown(reports), "model registry")
     for r in results:
         logger.info("%-11s %-20s %6.1fs  %s", r["stage"], r["status"], r["seconds"], r["metrics"])
-    return {"stages": results, "mlflow_parent_run_id": parent}
+    registered = json.loads((reports / "register.json").read_text())
+    if not registered["gate"]["passed"]:
+        raise QualityGateFailed(registered.get("reason", "quality gate failed"))
+    return {
+        "stages": results,
+        "mlflow_parent_run_id": parent,
+        "dvc_experiment": experiment,
+        "dvc_pushed": pushed,
+    }
 
 
 if __name__ == "__main__":
@@ -191,5 +327,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline_flow")
     parser.add_argument("--preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--no-push", dest="push", action="store_false")
     args = parser.parse_args()
-    lm_pipeline(preset=args.preset, overrides=args.overrides)
+    lm_pipeline(preset=args.preset, overrides=args.overrides, push=args.push)

@@ -6,6 +6,7 @@ lmforge stage validate --set validate.max_chars=8000   # one stage, in-process
 lmforge run --preset ci                         # the Prefect flow over DVC
 lmforge generate --model models:/lmforge-gpt@champion "once upon a time"
 lmforge export --format hf --model models:/lmforge-gpt@champion --out exports/hf
+lmforge reproduce <mlflow-run-id>              # re-run a past run in a worktree, compare
 """
 
 from __future__ import annotations
@@ -85,7 +86,11 @@ def stage(
 
 
 @app.command("run")
-def run(preset: PresetOpt = None, set_: SetOpt = None) -> None:
+def run(
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    push: Annotated[bool, typer.Option(help="dvc push the outputs after a good run")] = True,
+) -> None:
     """Run the whole pipeline through the Prefect flow (DVC decides what is stale)."""
     root = find_root()
     try:  # check before Prefect starts, so a typo fails in a second, not after start-up
@@ -95,7 +100,7 @@ def run(preset: PresetOpt = None, set_: SetOpt = None) -> None:
     from flows.pipeline_flow import lm_pipeline
 
     try:
-        result = lm_pipeline(preset=preset, overrides=set_ or [], root=str(root))
+        result = lm_pipeline(preset=preset, overrides=set_ or [], root=str(root), push=push)
     except Exception as e:
         _fail(f"pipeline failed: {e}", 1)
     cfg = load_config(root)
@@ -103,8 +108,13 @@ def run(preset: PresetOpt = None, set_: SetOpt = None) -> None:
     typer.echo(f"  MLflow:  mlflow ui --backend-store-uri {cfg.tracking.uri}")
     if result.get("mlflow_parent_run_id"):
         typer.echo(f"           parent run {result['mlflow_parent_run_id']}")
-    typer.echo("  Prefect: prefect server start   (then open the flow run lm-pipeline)")
-    typer.echo("  DVC:     dvc status; dvc metrics show")
+    typer.echo("  Prefect: prefect server start   (then open the flow run of lm-pipeline)")
+    if result.get("dvc_experiment"):
+        typer.echo(f"  DVC:     experiment {result['dvc_experiment']}   (dvc exp show)")
+    typer.echo("           dvc metrics show; dvc plots show")
+    if push:
+        pushed = "pushed" if result.get("dvc_pushed") else "NOT pushed (see the log)"
+        typer.echo(f"  Remote:  outputs {pushed}; dvc pull restores them")
 
 
 def _tracking_uri_for_cli() -> str | None:
@@ -246,6 +256,40 @@ def _download_model(uri: str, dest: Path) -> Path:
         return download_package(uri, dest)
     except MlflowException as e:
         raise LmforgeError(f"cannot download {uri}: {e.message}") from None
+
+
+@app.command("reproduce")
+def reproduce_run(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id (the parent or a stage run)")],
+    workdir: Annotated[
+        Path | None, typer.Option(help="where to create the worktree (default: a temp dir)")
+    ] = None,
+    cleanup: Annotated[bool, typer.Option(help="remove the worktree afterwards")] = False,
+) -> None:
+    """Re-run a past pipeline run from its commit and DVC experiment; compare the two.
+
+    Exits 0 when the metrics and every output's DVC hash are identical, 1 otherwise.
+    """
+    from pipeline.errors import LmforgeError
+    from pipeline.reproduce import render, reproduce
+
+    try:
+        cfg = load_config()
+    except ConfigError as e:
+        _fail(str(e), 2)
+    from pipeline.stage_runner import setup_logging
+
+    setup_logging()
+    typer.echo(f"reproducing MLflow run {run_id} (dvc pull, then dvc repro --force)...")
+    try:
+        comparison, work = reproduce(cfg, run_id, workdir, keep=not cleanup)
+    except LmforgeError as e:
+        _fail(str(e), 1)
+    typer.echo(render(comparison, f"run {run_id[:8]}", "reproduced"))
+    if not cleanup:
+        typer.echo(f"worktree: {work}   (git worktree remove --force {work})")
+    if not comparison.identical:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

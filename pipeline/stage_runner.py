@@ -3,7 +3,8 @@
     python -m pipeline.stages.validate --set validate.min_chars=20
 
 Exit codes: 0 success, 1 the stage rejected its input (gate failure, bad data or checkpoint),
-2 bad configuration.
+2 bad configuration, 75 a transient failure worth retrying (e.g. the tracking server is
+unreachable; the flow retries only these).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.errors import LmforgeError
+from pipeline.errors import EXIT_TRANSIENT, LmforgeError, is_transient
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -51,5 +52,10 @@ def stage_main(name: str, run: Callable[[Config], dict[str, Any]], argv: list[st
     except LmforgeError as e:
         print(f"error: stage {name} failed:\n{e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
+    except Exception as e:
+        if not is_transient(e):
+            raise  # a bug: the traceback is what a developer needs
+        print(f"error: stage {name} failed (transient, retry): {e}", file=sys.stderr)
+        return EXIT_TRANSIENT
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return 0

@@ -10,12 +10,14 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
+FIRST_RUN: dict[str, str] = {}  # the first flow run's MLflow parent run, for reproduce
 
 TOP_LEVEL_SKIP = {".venv", ".git", "data", "reports", "mlflow.db", "mlruns", "dvc.lock"}
 CACHES = shutil.ignore_patterns("__pycache__", "*.egg-info", ".*_cache", ".hypothesis", "tmp")
@@ -40,6 +42,9 @@ def repo_copy(tmp_path_factory) -> Path:
     git(root, "init", "-q")
     git(root, "add", "-A")
     git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    # The DVC remote of this copy: a temporary folder, not the user's ~/.cache/lmforge.
+    remote = tmp_path_factory.mktemp("dvc-remote")
+    assert dvc(root, "remote", "modify", "--local", "local", "url", str(remote)).returncode == 0
     return root
 
 
@@ -71,6 +76,7 @@ def test_flow_runs_every_stage_then_skips_them(repo_copy, prefect_api, monkeypat
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     first = lm_pipeline(preset="ci", root=str(repo_copy))
+    FIRST_RUN["parent"] = first["mlflow_parent_run_id"]
     assert [r["stage"] for r in first["stages"]] == list(STAGES)
     assert all(r["status"] == "ran" for r in first["stages"])
     report = json.loads((repo_copy / "reports" / "synthesize.json").read_text())
@@ -105,19 +111,67 @@ def test_flow_runs_every_stage_then_skips_them(repo_copy, prefect_api, monkeypat
     assert champion.tags["mlflow_run_id.pretrain"] == train_run.info.run_id
     assert champion.run_id == reg_run.info.run_id
 
+    # The run is a named DVC experiment, recorded on the parent run, and its outputs are pushed.
+    assert first["dvc_experiment"] and first["dvc_pushed"]
+    assert parent.data.tags["lmforge.dvc_experiment"] == first["dvc_experiment"]
+    assert first["dvc_experiment"] in dvc(repo_copy, "exp", "list", "--name-only").stdout
+    assert "in sync" in dvc(repo_copy, "status", "--cloud").stdout
+
+    t0 = time.perf_counter()
     second = lm_pipeline(root=str(repo_copy))
+    print(f"second run, nothing changed: {time.perf_counter() - t0:.1f} s")  # figure, not a test
     assert all(r["status"].startswith("skipped") for r in second["stages"])
     status = dvc(repo_copy, "status")
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
 
 
-def test_dvc_repro_alone_reproduces_and_then_does_nothing(repo_copy):
-    """`dvc repro --force` rebuilds bit-identical outputs: the lock file does not change."""
+def test_reproduce_from_the_mlflow_run_gives_identical_hashes_and_metrics(
+    repo_copy, monkeypatch, tmp_path
+):
+    """`lmforge reproduce <run>`: worktree at the experiment, dvc pull, dvc repro --force."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(repo_copy)
     lock = (repo_copy / "dvc.lock").read_text()
-    shutil.rmtree(repo_copy / "models" / "checkpoints")  # retrain from scratch, not resume
-    forced = dvc(repo_copy, "repro", "--force")
-    assert forced.returncode == 0, forced.stderr
+    result = CliRunner().invoke(app, ["reproduce", FIRST_RUN["parent"], "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "Reproduction: IDENTICAL" in result.output
+    assert "evaluate.test.bits_per_byte" in result.output  # the side-by-side table
+    work = tmp_path / "repo"
+    assert (work / "dvc.lock").read_text() == lock  # same hashes for every output
+    assert (repo_copy / "dvc.lock").read_text() == lock  # the work tree was not touched
+    git(repo_copy, "worktree", "remove", "--force", str(work))
+
+
+def test_one_param_reruns_only_its_dependents(repo_copy, prefect_api, monkeypatch):
+    from flows.pipeline_flow import lm_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    lock = (repo_copy / "dvc.lock").read_text()
+    result = lm_pipeline(root=str(repo_copy), overrides=["register.card_samples=1"], push=False)
+    ran = [r["stage"] for r in result["stages"] if r["status"] == "ran"]
+    assert ran == ["register"]
+    lm_pipeline(root=str(repo_copy), overrides=["register.card_samples=3"], push=False)
     assert (repo_copy / "dvc.lock").read_text() == lock
-    again = dvc(repo_copy, "repro")
-    assert "didn't change, skipping" in again.stdout
-    assert "Running stage" not in again.stdout
+
+
+def test_second_run_on_the_same_workspace_fails_clearly(repo_copy, prefect_api):
+    from flows.pipeline_flow import lm_pipeline
+    from pipeline.workspace_lock import WorkspaceBusy, workspace_lock
+
+    busy = pytest.raises(WorkspaceBusy, match=r"in use by another pipeline run.*first-run")
+    with workspace_lock(repo_copy, owner="first-run"), busy:
+        lm_pipeline(root=str(repo_copy))
+
+
+def test_failed_quality_gate_fails_the_run_and_registers_nothing(repo_copy, prefect_api):
+    from flows.pipeline_flow import QualityGateFailed, lm_pipeline
+
+    with pytest.raises(QualityGateFailed, match="ece"):
+        lm_pipeline(root=str(repo_copy), overrides=["register.gate.max_ece=0.0001"], push=False)
+    report = json.loads((repo_copy / "reports" / "register.json").read_text())
+    assert report["registered"] is False and report["gate"]["failed"] == ["ece"]
+    assert not (repo_copy / "reports" / "register_version.json").exists()

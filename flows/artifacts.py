@@ -1,0 +1,141 @@
+"""Prefect artifacts of a pipeline run: what a user sees on the flow run's Artifacts tab.
+
+- `lm-pipeline-summary`: each stage's status, duration and key metrics;
+- `gx-validation`: the Great Expectations result of the validate stage;
+- `evaluation`: the evaluation tables (reports/evaluate.md without the samples);
+- `registered-model`: the registered version and its alias, or why nothing was registered;
+- `stage-failure`: on a failure, the failing stage's report.
+
+The markdown builders are pure functions of the reports on disk; `publish` sends them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MAX_CELL = 80
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def summary_markdown(
+    results: list[dict[str, Any]], parent_run_id: str | None, experiment: str | None
+) -> str:
+    """Stage | status | seconds | key metrics, then where the run is recorded."""
+    lines = [
+        "# lm-pipeline run",
+        "",
+        "| stage | status | seconds | key metrics |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        shown = {k: v for k, v in r["metrics"].items() if v is not None}
+        figures = ", ".join(f"{k}: {_fmt(v)}".replace("|", "\\|") for k, v in shown.items())
+        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {figures} |")
+    lines.append("")
+    if parent_run_id:
+        lines.append(f"MLflow parent run: `{parent_run_id}`")
+    if experiment:
+        lines.append(f"DVC experiment: `{experiment}` (`dvc exp show`)")
+    return "\n".join(lines)
+
+
+def gx_markdown(reports: Path) -> str | None:
+    """The Great Expectations gate of `validate`, one row per expectation."""
+    report = _read(reports / "validate.json") or _read(reports / "validate.failed.json")
+    if not report or "gate" not in report:
+        return None
+    gate = report["gate"]
+    verdict = "passed" if gate.get("success") else "**FAILED**"
+    lines = [
+        f"# Great Expectations: {verdict}",
+        "",
+        "| suite | expectation | column | arguments | success | unexpected % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in gate.get("expectations", []):
+        lines.append(
+            f"| {e.get('suite', '')} | {e.get('expectation', '')} | {e.get('column') or ''} "
+            f"| {_cell(e.get('kwargs', {}))} | {'yes' if e.get('success') else '**no**'} "
+            f"| {_fmt(e.get('unexpected_percent'))} |"
+        )
+    return "\n".join(lines)
+
+
+def evaluation_markdown(reports: Path) -> str | None:
+    """reports/evaluate.md up to its samples (the tables)."""
+    path = reports / "evaluate.md"
+    if not path.is_file():
+        return None
+    return path.read_text().split("\n## Samples", 1)[0]
+
+
+def registry_markdown(reports: Path) -> str | None:
+    """The registered version and alias, or the reason nothing was registered."""
+    report = _read(reports / "register.json")
+    if report is None:
+        return None
+    name = report.get("model_name", "")
+    if not report.get("registered"):
+        return f"# Not registered: {name}\n\n{report.get('reason', '')}"
+    version = _read(reports / "register_version.json") or {}
+    lines = [
+        f"# Registered: {name} version {version.get('version')} as `{version.get('alias')}`",
+        "",
+        f"Model URI: `{version.get('model_uri')}`",
+    ]
+    comparison = version.get("comparison") or {}
+    if comparison.get("champion_version"):
+        lines += [
+            "",
+            f"Against champion version {comparison['champion_version']} on "
+            f"{comparison.get('documents')} test documents: "
+            f"{_fmt(comparison.get('challenger_bits_per_byte'))} vs "
+            f"{_fmt(comparison.get('champion_bits_per_byte'))} bits/byte "
+            f"(margin {_fmt(comparison.get('margin'))}): "
+            + ("promoted" if comparison.get("promoted") else "not promoted"),
+        ]
+    return "\n".join(lines)
+
+
+def failure_markdown(stage: str, reports: Path, output_tail: str) -> str:
+    """A failed stage: its failure report when it wrote one, and the end of its output."""
+    lines = [f"# Stage `{stage}` failed", ""]
+    failed = _read(reports / f"{stage}.failed.json")
+    if failed is not None:
+        lines += [
+            f"`reports/{stage}.failed.json` (the previous outputs are kept):",
+            "",
+            "```json",
+            json.dumps(failed, indent=1, default=str)[:6000],
+            "```",
+            "",
+        ]
+    lines += ["Output (last lines):", "", "```", output_tail, "```"]
+    return "\n".join(lines)
+
+
+def publish(key: str, markdown: str | None, description: str) -> None:
+    """Create one markdown artifact on the current flow run (nothing when no markdown)."""
+    if markdown is None:
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown, key=key, description=description)

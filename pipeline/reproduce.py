@@ -1,0 +1,227 @@
+"""Reproduce a pipeline run from its MLflow run id, and compare the two runs.
+
+    lmforge reproduce <mlflow-run-id>            # a parent run or any stage's run
+
+1. Read the run's tags: the git commit and the DVC experiment (`lmforge.dvc_experiment`).
+2. Check out the experiment's commit (params.yaml, dvc.lock and metrics as the run left
+   them; the plain commit when the experiment is unknown) in a separate git worktree, so
+   the current work tree is never touched.
+3. `dvc pull` the data from the DVC remote into the worktree.
+4. `dvc repro --force`: every stage runs again, logging to the worktree's own MLflow store.
+5. Print the metrics of the two runs side by side and compare the DVC hashes of every
+   output. On CPU both must be identical; the command exits 1 when they are not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import Config
+from pipeline.errors import LmforgeError
+
+
+class ReproduceError(LmforgeError):
+    """The run cannot be reproduced (unknown run, missing commit, failed command)."""
+
+
+@dataclass
+class Comparison:
+    """Metrics of the original and the reproduced run, and the outputs whose hash differs."""
+
+    rows: list[tuple[str, Any, Any]] = field(default_factory=list)  # (metric, original, new)
+    hash_diffs: list[tuple[str, str, str]] = field(default_factory=list)  # (path, old, new)
+    outputs_compared: int = 0
+
+    @property
+    def metric_diffs(self) -> list[tuple[str, Any, Any]]:
+        return [r for r in self.rows if not _same(r[1], r[2])]
+
+    @property
+    def identical(self) -> bool:
+        return not self.metric_diffs and not self.hash_diffs
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run a command; a failure raises with the command and the end of its output."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip()[-3000:]
+        raise ReproduceError(f"`{' '.join(cmd)}` failed in {cwd} (exit {proc.returncode}):\n{tail}")
+    return proc.stdout
+
+
+def run_origin(cfg: Config, run_id: str) -> tuple[str, str]:
+    """(git commit, DVC experiment name) of an MLflow run, from its tags."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        where = tracking_uri(cfg)
+        raise ReproduceError(f"MLflow run {run_id!r} not found at {where}: {e.message}") from None
+    tags = run.data.tags
+    commit = tags.get("lmforge.git_commit") or tags.get("mlflow.source.git.commit", "")
+    if not commit:
+        raise ReproduceError(
+            f"run {run_id} has no lmforge.git_commit tag: it was not made by lmforge"
+        )
+    return commit, tags.get("lmforge.dvc_experiment", "")
+
+
+def experiment_commit(root: Path, name: str) -> str | None:
+    """The commit DVC saved experiment `name` as (refs/exps/.../<name>), or None."""
+    if not name:
+        return None
+    refs = _run(["git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"], root)
+    for line in refs.splitlines():
+        ref, sha = line.split()
+        if ref.rsplit("/", 1)[-1] == name:
+            return sha
+    return None
+
+
+def add_worktree(root: Path, rev: str, dest: Path) -> Path:
+    """A detached git worktree of `rev` at `dest`, with this repo's local DVC config."""
+    _run(["git", "worktree", "add", "--detach", str(dest), rev], root)
+    local_config = root / ".dvc" / "config.local"
+    if local_config.is_file():  # e.g. the remote's URL, set with `dvc remote modify --local`
+        shutil.copy2(local_config, dest / ".dvc" / "config.local")
+    return dest
+
+
+def dvc_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    for key in ("LMFORGE_PARENT_RUN_ID", "LMFORGE_FLOW_RUN_ID", "LMFORGE_DVC_EXPERIMENT"):
+        env.pop(key, None)  # the reproduction is its own run, not a child of another
+    return env
+
+
+def lock_hashes(lock_text: str) -> dict[str, str]:
+    """Output path -> DVC md5 from the text of a dvc.lock."""
+    stages = (yaml.safe_load(lock_text) or {}).get("stages", {})
+    return {
+        out["path"]: out.get("md5", "")
+        for stage in stages.values()
+        for out in stage.get("outs", [])
+    }
+
+
+def flat_metrics(report: Any, prefix: str = "") -> dict[str, Any]:
+    """Numbers, strings and bools of a JSON report, by dotted key."""
+    if isinstance(report, dict):
+        out: dict[str, Any] = {}
+        for k, v in report.items():
+            out |= flat_metrics(v, f"{prefix}{k}.")
+        return out
+    if isinstance(report, list):
+        return {}  # tables (e.g. per-expectation lists) are compared through the hashes
+    return {prefix.rstrip("."): report}
+
+
+def metrics_at(root: Path, rev: str | None, files: list[str]) -> dict[str, Any]:
+    """Flattened metrics files at git `rev` (None: the work tree at `root`)."""
+    out: dict[str, Any] = {}
+    for rel in files:
+        if rev is None:
+            path = root / rel
+            text = path.read_text() if path.is_file() else None
+        else:
+            proc = subprocess.run(
+                ["git", "show", f"{rev}:{rel}"], cwd=root, capture_output=True, text=True
+            )
+            text = proc.stdout if proc.returncode == 0 else None
+        if text is not None:
+            stem = Path(rel).stem
+            out |= {f"{stem}.{k}": v for k, v in flat_metrics(json.loads(text)).items()}
+    return out
+
+
+def compare(root: Path, rev: str, work: Path, metric_files: list[str]) -> Comparison:
+    """Original (git `rev`) against the reproduction in `work`."""
+    old_lock = _run(["git", "show", f"{rev}:dvc.lock"], root)
+    old, new = lock_hashes(old_lock), lock_hashes((work / "dvc.lock").read_text())
+    diffs = [(p, old.get(p, ""), new.get(p, "")) for p in sorted(set(old) | set(new))]
+    before, after = metrics_at(root, rev, metric_files), metrics_at(work, None, metric_files)
+    rows = [(k, before.get(k), after.get(k)) for k in sorted(set(before) | set(after))]
+    return Comparison(
+        rows=rows,
+        hash_diffs=[d for d in diffs if d[1] != d[2]],
+        outputs_compared=len(diffs),
+    )
+
+
+def metric_files(cfg: Config, root: Path) -> list[str]:
+    """The DVC metrics files of dvc.yaml's stages, relative to the root."""
+    reports = cfg.path("reports").relative_to(cfg.root)
+    from pipeline.stages import STAGES
+
+    return [str(reports / f"{stage}.json") for stage in STAGES]
+
+
+def render(c: Comparison, original: str, reproduced: str) -> str:
+    """A side-by-side table of the two runs' metrics and the verdict on the hashes."""
+    width = max([len(r[0]) for r in c.rows] + [6])
+    lines = [f"{'metric':<{width}}  {original[:24]:>24}  {reproduced[:24]:>24}  same"]
+    for key, a, b in c.rows:
+        mark = "yes" if _same(a, b) else "NO"
+        lines.append(f"{key:<{width}}  {_cell(a):>24}  {_cell(b):>24}  {mark}")
+    lines.append("")
+    lines.append(
+        f"DVC output hashes: {c.outputs_compared - len(c.hash_diffs)}/{c.outputs_compared} "
+        "identical"
+    )
+    lines += [f"  {p}: {a} -> {b}" for p, a, b in c.hash_diffs]
+    verdict = "IDENTICAL" if c.identical else f"DIFFERENT ({len(c.metric_diffs)} metrics)"
+    lines.append(f"Reproduction: {verdict}")
+    return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.10g}"
+    return "-" if v is None else str(v)[:24]
+
+
+def reproduce(
+    cfg: Config, run_id: str, workdir: Path | None = None, keep: bool = True
+) -> tuple[Comparison, Path]:
+    """Reproduce MLflow run `run_id` in a worktree; the comparison and the worktree path."""
+    root = cfg.root.resolve()
+    commit, experiment = run_origin(cfg, run_id)
+    rev = experiment_commit(root, experiment) or commit
+    if subprocess.run(["git", "cat-file", "-e", f"{rev}^{{commit}}"], cwd=root).returncode:
+        raise ReproduceError(f"commit {rev} of run {run_id} is not in this repository")
+    work = Path(workdir or tempfile.mkdtemp(prefix="lmforge-reproduce-")) / "repo"
+    add_worktree(root, rev, work)
+    try:
+        env = dvc_env()
+        _run(["dvc", "pull", "--allow-missing"], work, env)
+        _run(["dvc", "repro", "--force"], work, env)
+        comparison = compare(root, rev, work, metric_files(cfg, root))
+    finally:
+        if not keep:
+            _run(["git", "worktree", "remove", "--force", str(work)], root)
+    return comparison, work

@@ -1,0 +1,64 @@
+"""One pipeline run per workspace: an exclusive OS file lock on `<root>/.lmforge/run.lock`.
+
+Two runs in one work tree would interleave stages over the same outputs and params.yaml.
+The second run therefore fails at once with a message naming the run that holds the lock
+(`flock` is released by the OS when the holder dies, so a crashed run never blocks the
+next one). DVC's own repo lock only covers one `dvc` command, not a whole pipeline run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.errors import LmforgeError
+
+LOCK_FILE = Path(".lmforge") / "run.lock"
+
+
+class WorkspaceBusy(LmforgeError):
+    """Another pipeline run holds this workspace."""
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        return "another process"
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.get("started", 0)))
+    return (
+        f"pid {info.get('pid')} on {info.get('host')} "
+        f"(flow run {info.get('owner') or 'n/a'}, started {started})"
+    )
+
+
+@contextlib.contextmanager
+def workspace_lock(root: Path, owner: str = "") -> Iterator[Path]:
+    """Hold the workspace for the duration of the block, or raise `WorkspaceBusy`."""
+    path = Path(root) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkspaceBusy(
+                f"{Path(root).resolve()} is in use by another pipeline run: {_holder(path)}. "
+                "Wait for it to finish, or run in a separate clone of the repository."
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "owner": owner}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({**info, "started": time.time()}).encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
