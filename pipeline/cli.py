@@ -7,6 +7,7 @@ lmforge run --preset ci                         # the Prefect flow over DVC
 lmforge generate --model models:/lmforge-gpt@champion "once upon a time"
 lmforge export --format hf --model models:/lmforge-gpt@champion --out exports/hf
 lmforge reproduce <mlflow-run-id>              # re-run a past run in a worktree, compare
+lmforge sweep --preset ci                      # the scaling-law sweep
 """
 
 from __future__ import annotations
@@ -256,6 +257,22 @@ def _download_model(uri: str, dest: Path) -> Path:
         return download_package(uri, dest)
     except MlflowException as e:
         raise LmforgeError(f"cannot download {uri}: {e.message}") from None
+
+
+@app.command("sweep")
+def sweep(preset: PresetOpt = None, set_: SetOpt = None) -> None:
+    """Scaling-law sweep: pretrain sweep.sizes x sweep.steps, fit L(N, D) = E + A/N^a + B/D^b."""
+    from flows.scaling_flow import scaling_sweep
+    from pipeline.errors import LmforgeError
+
+    try:
+        summary = scaling_sweep(preset=preset, overrides=set_ or [], root=str(find_root()))
+    except ConfigError as e:
+        _fail(str(e), 2)
+    except LmforgeError as e:
+        _fail(str(e), 1)
+    keys = ("fit", "source_entropy", "files")
+    typer.echo(json.dumps({k: summary.get(k) for k in keys}, indent=2, default=str))
 
 
 @app.command("reproduce")
