@@ -8,6 +8,8 @@ lmforge generate --model models:/lmforge-gpt@champion "once upon a time"
 lmforge export --format hf --model models:/lmforge-gpt@champion --out exports/hf
 lmforge reproduce <mlflow-run-id>              # re-run a past run in a worktree, compare
 lmforge sweep --preset ci                      # the scaling-law sweep
+lmforge deploy                                 # prefect.yaml's deployments on PREFECT_API_URL
+lmforge serve --cron "0 2 * * *"               # serve the flow on a schedule, one machine
 """
 
 from __future__ import annotations
@@ -273,6 +275,48 @@ def sweep(preset: PresetOpt = None, set_: SetOpt = None) -> None:
         _fail(str(e), 1)
     keys = ("fit", "source_entropy", "files")
     typer.echo(json.dumps({k: summary.get(k) for k in keys}, indent=2, default=str))
+
+
+@app.command("deploy")
+def deploy(
+    pool: Annotated[str, typer.Option(help="process work pool to target")] = "lmforge-process",
+    create_pool: Annotated[bool, typer.Option(help="create the pool if missing")] = True,
+) -> None:
+    """Create/update the deployments of prefect.yaml (nightly, on-demand) on PREFECT_API_URL."""
+    from flows.deployments import DeploymentError, deploy_all
+
+    try:
+        names = deploy_all(find_root(), pool=pool, create_pool=create_pool)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    except DeploymentError as e:
+        _fail(str(e), 1)
+    for name in names:
+        typer.echo(f"deployed {name}")
+    typer.echo(f"\nStart a worker:  prefect worker start --pool {pool}")
+    typer.echo("Trigger a run:   prefect deployment run 'lm-pipeline/on-demand' --param preset=ci")
+
+
+@app.command("serve")
+def serve(
+    cron: Annotated[str, typer.Option(help='cron schedule, e.g. "0 2 * * *"')],
+    timezone: Annotated[
+        str | None, typer.Option(help="IANA timezone, e.g. Europe/Berlin (default UTC)")
+    ] = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    name: Annotated[str, typer.Option(help="deployment name")] = "served",
+) -> None:
+    """Serve the pipeline here on a cron schedule until Ctrl-C (needs PREFECT_API_URL)."""
+    from flows.deployments import DeploymentError, ScheduleError, serve_with_schedule
+
+    root = str(find_root())
+    try:
+        serve_with_schedule(cron, timezone, preset, root, overrides=set_ or [], name=name)
+    except (ConfigError, ScheduleError) as e:
+        _fail(str(e), 2)
+    except DeploymentError as e:
+        _fail(str(e), 1)
 
 
 @app.command("reproduce")

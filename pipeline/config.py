@@ -250,7 +250,7 @@ class EvaluateConfig:
     source_docs: int = spec("fresh source documents for the KL rate", min=10)
     calibration_bins: int = spec("bins of the reliability diagram", min=2, max=100)
     sharpness_batches: int = spec("test batches in the sharpness loss", min=1)
-    prompts: int = spec("prompts decoded per strategy", min=1)
+    prompts: int = spec("prompts decoded per strategy (k-NN precision/recall needs 4)", min=4)
     max_new_tokens: int = spec("longest generated continuation", min=1)
     temperature: float = spec("sampling temperature", min=1e-4, max=10.0)
     top_k: int = spec("top-k sampling cut-off", min=1)
