@@ -36,6 +36,7 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from flows import artifacts
+from flows.streaming import stream_command
 from pipeline.config import load_config
 from pipeline.errors import EXIT_TRANSIENT, is_transient
 from pipeline.params_file import apply_to_params
@@ -174,22 +175,9 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 )
 def repro_stage(stage: str, root: str, env: dict[str, str]) -> dict[str, Any]:
     """Run `dvc repro <stage>`, streaming its output into the Prefect log."""
-    logger = get_run_logger()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        ["dvc", "repro", stage],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        logger.info("%s | %s", stage, line.rstrip())
-    if proc.wait() != 0:
+    code, lines = stream_command(["dvc", "repro", stage], root, env, stage)
+    if code != 0:
         tail = "\n".join(lines[-30:])
         # DVC reports the stage command's own exit code: "... exited with 75"
         codes = re.findall(r"exited with (\d+)", tail)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.streaming import stream_command
 from pipeline import scaling
 from pipeline.config import Config, load_config
 from pipeline.io_utils import atomic_write_json, atomic_write_text
@@ -87,24 +87,11 @@ def pretrain_point(
     A process per point isolates torch's global state (seeds, threads, signal handlers,
     memory) and runs exactly the code DVC runs, so a point reproduces as a stage run would.
     """
-    logger = get_run_logger()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        argv,
-        cwd=root,
-        env=point_env(parent_run_id),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        logger.info("%s | %s", name, line.rstrip())
-    if proc.wait() != 0:
+    code, lines = stream_command(argv, root, point_env(parent_run_id), name)
+    if code != 0:
         tail = "\n".join(lines[-20:])
-        raise SweepError(f"sweep point {name}: pretraining exited {proc.returncode}:\n{tail}")
+        raise SweepError(f"sweep point {name}: pretraining exited {code}:\n{tail}")
     result = json.loads(Path(report).read_text(encoding="utf-8"))
     return {**result, "seconds": round(time.perf_counter() - t0, 1)}
 
