@@ -237,6 +237,12 @@ class FinetuneConfig:
     swa_ema: bool = spec("average with an EMA (get_ema_multi_avg_fn) instead of equal weights")
     swa_ema_decay: float = spec("EMA decay", min=0.0, max=1.0)
     eval_examples: int = spec("held-out examples scored per method (0 = all)", min=0)
+    replay: float = spec(
+        "weight of a language-model loss on a pretraining batch added to every task step "
+        "(0 = off): keeps the model a language model while it learns the task",
+        min=0.0,
+        max=10.0,
+    )
     sharpness_rho: float = spec("radius of the epsilon-sharpness ball", min=1e-6)
     sharpness_steps: int = spec("projected ascent steps for epsilon-sharpness", min=1)
     hessian_iters: int = spec("power-iteration steps for the top Hessian eigenvalue", min=1)

@@ -112,3 +112,32 @@ def test_missing_pretrained_model_is_a_clear_error(project):
         ckpt.CheckpointError, match=r"model_config\.json: model not found; run `dvc repro pretrain`"
     ):
         finetune.run(cfg_for(project))
+
+
+def _corpus_loss(model, cfg) -> float:
+    """Mean LM loss on fixed batches of the validation shard (the pretraining objective)."""
+    from pipeline.batches import sample_batch
+    from pipeline.shards import read_meta, read_shard
+
+    meta = read_meta(cfg.path("tokenizer"))
+    val = read_shard(cfg.path("tokenizer") / meta["splits"]["val"]["file"], meta["splits"]["val"])
+    T = model.config.block_size
+    with torch.no_grad():
+        model.eval()
+        return sum(model(*sample_batch(val, 0, 0, i, 8, T))[1].item() for i in range(4)) / 4
+
+
+def test_replay_keeps_the_language_model(pretrained):
+    """Task-only fine-tuning at a high rate forgets the corpus; replay keeps it."""
+    device = torch.device("cpu")
+    losses = {}
+    for replay in (0.0, 2.0):
+        cfg = cfg_for(
+            pretrained, "finetune.lr=0.01", "finetune.max_steps=25", f"finetune.replay={replay}"
+        )
+        gcfg, weights = finetune.load_pretrained(cfg)
+        data = finetune.task_data(cfg, gcfg, device)
+        assert (data.replay_batch is None) == (replay == 0)
+        model = finetune.train_method("adamw", cfg, gcfg, weights, data, device)
+        losses[replay] = _corpus_loss(model, cfg)
+    assert losses[2.0] < losses[0.0] - 0.1, losses

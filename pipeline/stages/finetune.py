@@ -63,6 +63,8 @@ class Data:
     batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # step -> (x, y)
     score: Callable[[torch.nn.Module], dict[str, float]]
     eval_batch: tuple[torch.Tensor, torch.Tensor]  # a fixed batch for sharpness
+    # step -> a pretraining-corpus batch, for `finetune.replay` (None: no replay)
+    replay_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def load_pretrained(cfg: Config) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
@@ -91,7 +93,27 @@ def task_data(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Data:
         batch,
         lambda m: evaluate_task(m, test, eot, f.micro_batch_size, device),
         (fixed[0].to(device), fixed[1].to(device)),
+        replay_batches(cfg, gcfg, device) if f.replay > 0 else None,
     )
+
+
+def replay_batches(cfg: Config, gcfg: GPTConfig, device: torch.device):
+    """step -> a (x, y) batch of the pretraining train shard, seeded apart from the task's.
+
+    Answer-only fine-tuning alone makes a small model forget how to continue text (on the
+    default preset test bits/byte went from 0.32 before fine-tuning to 1.23 after); mixing
+    in the pretraining objective ("replay") keeps it a language model.
+    """
+    tok_dir, f = cfg.path("tokenizer"), cfg.finetune
+    meta = read_meta(tok_dir)
+    train = read_shard(tok_dir / meta["splits"]["train"]["file"], meta["splits"]["train"])
+    seed = derive_seed(cfg.seed, STAGE, "replay")
+
+    def batch(step: int):
+        x, y = sample_batch(train, seed, step, 0, f.micro_batch_size, gcfg.block_size)
+        return x.to(device), y.to(device)
+
+    return batch
 
 
 def corpus_data(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Data:
@@ -144,9 +166,13 @@ def train_method(
             for group in adamw.param_groups:
                 group["lr"] = f.lr * min(1.0, (step + 1) / max(f.warmup_steps, 1))
         x, y = data.batch(step)
+        replay = data.replay_batch(step) if data.replay_batch else None
 
-        def loss_fn(x=x, y=y) -> torch.Tensor:
-            return model(x, y)[1]
+        def loss_fn(x=x, y=y, replay=replay) -> torch.Tensor:
+            loss = model(x, y)[1]
+            if replay is not None:  # task loss + replay weight x language-model loss
+                loss = loss + f.replay * model(*replay)[1]
+            return loss
 
         if sam is not None:
             loss = sam_step(model, sam, loss_fn, clip=f.grad_clip)
