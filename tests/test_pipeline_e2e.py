@@ -67,6 +67,18 @@ def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def prefect_artifacts(flow_run_id: str) -> dict[str, str]:
+    """key -> markdown of the artifacts a flow run created."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    wanted = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(flow_run_id)]))
+    with get_client(sync_client=True) as client:
+        return {a.key: a.data for a in client.read_artifacts(artifact_filter=wanted)}
+
+
 def test_flow_runs_every_stage_then_skips_them(repo_copy, prefect_api, monkeypatch):
     import mlflow
 
@@ -116,6 +128,16 @@ def test_flow_runs_every_stage_then_skips_them(repo_copy, prefect_api, monkeypat
     assert parent.data.tags["lmforge.dvc_experiment"] == first["dvc_experiment"]
     assert first["dvc_experiment"] in dvc(repo_copy, "exp", "list", "--name-only").stdout
     assert "in sync" in dvc(repo_copy, "status", "--cloud").stdout
+
+    # The flow run's Prefect artifacts: summary, GX result, evaluation, registered model.
+    artifacts = prefect_artifacts(parent.data.tags["lmforge.prefect_flow_run_id"])
+    assert {"lm-pipeline-summary", "gx-validation", "evaluation", "registered-model"} <= set(
+        artifacts
+    )
+    assert "| pretrain | ran |" in artifacts["lm-pipeline-summary"]
+    assert first["dvc_experiment"] in artifacts["lm-pipeline-summary"]
+    assert "Great Expectations: passed" in artifacts["gx-validation"]
+    assert "version 1 as `champion`" in artifacts["registered-model"]
 
     t0 = time.perf_counter()
     second = lm_pipeline(root=str(repo_copy))

@@ -170,6 +170,8 @@ def test_version_carries_card_tags_and_no_pickle(evaluated, store):
     assert "## Evaluation" in mv.description and f"{bpb:.4g}" in mv.description
     for key in ("git_commit", "data_digest", "tokenizer_digest", "mlflow_run_id.register"):
         assert key in mv.tags
+    meta = json.loads((evaluated / "data" / "tokenizer" / "meta.json").read_text())
+    assert mv.tags["tokenizer_corpus_digest"] == meta["train_corpus_digest"]
     assert mv.tags["mlflow_run_id.register"] == mv.run_id
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path="dl"))
     files = {p.name for p in local.rglob("*")}

@@ -191,7 +191,7 @@ def lineage_tags(cfg: Config, client: Any, experiment_id: str, run_id: str) -> d
         "data_digest": dvc_lock_digest(cfg, "validated"),
         "synthetic_digest": dvc_lock_digest(cfg, "synthetic"),
         "tokenizer_digest": dvc_lock_digest(cfg, "tokenizer"),
-        "tokenizer_corpus_digest": str(tok_meta.get("corpus_digest", "")),
+        "tokenizer_corpus_digest": str(tok_meta.get("train_corpus_digest", "")),
         "mlflow_parent_run_id": os.environ.get(PARENT_RUN_ENV, ""),
     }
     stages = tuple(s for s in STAGES if s != STAGE)
