@@ -15,17 +15,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.markdown import cell, escape_cell, fmt
+
 MAX_CELL = 80
 
 
 def _cell(value: Any) -> str:
+    """One table cell: JSON for structures, cut to MAX_CELL characters, markdown-escaped."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    text = text.replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return cell(text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…")
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -47,7 +45,7 @@ def summary_markdown(
     ]
     for r in results:
         shown = {k: v for k, v in r["metrics"].items() if v is not None}
-        figures = ", ".join(f"{k}: {_fmt(v)}".replace("|", "\\|") for k, v in shown.items())
+        figures = ", ".join(escape_cell(f"{k}: {fmt(v)}") for k, v in shown.items())
         lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {figures} |")
     lines.append("")
     if parent_run_id:
@@ -74,7 +72,7 @@ def gx_markdown(reports: Path) -> str | None:
         lines.append(
             f"| {e.get('suite', '')} | {e.get('expectation', '')} | {e.get('column') or ''} "
             f"| {_cell(e.get('kwargs', {}))} | {'yes' if e.get('success') else '**no**'} "
-            f"| {_fmt(e.get('unexpected_percent'))} |"
+            f"| {fmt(e.get('unexpected_percent'))} |"
         )
     return "\n".join(lines)
 
@@ -107,9 +105,9 @@ def registry_markdown(reports: Path) -> str | None:
             "",
             f"Against champion version {comparison['champion_version']} on "
             f"{comparison.get('documents')} test documents: "
-            f"{_fmt(comparison.get('challenger_bits_per_byte'))} vs "
-            f"{_fmt(comparison.get('champion_bits_per_byte'))} bits/byte "
-            f"(margin {_fmt(comparison.get('margin'))}): "
+            f"{fmt(comparison.get('challenger_bits_per_byte'))} vs "
+            f"{fmt(comparison.get('champion_bits_per_byte'))} bits/byte "
+            f"(margin {fmt(comparison.get('margin'))}): "
             + ("promoted" if comparison.get("promoted") else "not promoted"),
         ]
     return "\n".join(lines)

@@ -22,19 +22,27 @@ Standard library only (plus `pipeline.errors`): importable where there is no tor
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import LmforgeError
+from pipeline.markdown import (
+    Md,
+    bullets,
+    code,
+    duration,
+    fmt,
+    number,
+    pct,
+    si,
+    table,
+    with_ci,
+)
 
-STAGES = ("validate", "synthesize", "tokenizer", "pretrain", "finetune", "evaluate")
+STAGES = ("validate", "synthesize", "tokenizer", "pretrain", "finetune", "evaluate")  # reported
 MAX_SAMPLE_CHARS = 600  # a sample longer than this is cut in the card (the card is a summary)
-_SI_PREFIXES = ("", "k", "M", "G", "T", "P", "E", "Z")
-_TABLE_ESCAPES = str.maketrans({c: "\\" + c for c in "\\|`*[]<>&"})
 _WALL_KEYS = ("wall_time_s", "wall_seconds", "seconds", "elapsed_s", "time_s", "train_seconds")
 _FLOPS_KEYS = ("flops", "train_flops", "total_flops")
 _OPS = {"<=": "≤", ">=": "≥", "==": "=", "!=": "≠", "max": "≤", "min": "≥"}
@@ -53,12 +61,6 @@ class CardInputs:
     samples: list[tuple[str, str]]  # (prompt, generated text) decoding samples
     gate: dict  # {"passed": bool, "checks": [{"name","value","threshold","op","passed"}...]}
     lineage: dict[str, str]  # git commit, dvc experiment, data/tokenizer digests, run ids...
-
-
-class Md(str):
-    """Text that is already markdown, safe in a table cell: `table` leaves it unescaped."""
-
-    __slots__ = ()
 
 
 # --------------------------------------------------------------------------------------
@@ -100,13 +102,6 @@ def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def _number(value: Any) -> float | None:
-    """A finite real number, or None (bools, strings, NaN and missing values are not)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def _first(data: Mapping[str, Any], keys: Sequence[str]) -> Any:
     return next((data[k] for k in keys if data.get(k) is not None), None)
 
@@ -116,96 +111,9 @@ def _first(data: Mapping[str, Any], keys: Sequence[str]) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def fmt(value: Any) -> str:
-    """A value for the card: counts with thousands separators, reals to 4 significant digits."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        if abs(value) >= 1e4:
-            return f"{value:,.0f}"
-        return f"{value:.4g}"
-    return str(value)
-
-
-def si(value: Any, unit: str = "") -> str:
-    """`4.831 GFLOP` (or `131.4k` without a unit): an SI prefix, 4 significant digits."""
-    x = _number(value)
-    if x is None:
-        return "n/a"
-    power = 0
-    while abs(x) >= 1000 and power < len(_SI_PREFIXES) - 1:
-        x, power = x / 1000, power + 1
-    return f"{x:.4g} {_SI_PREFIXES[power]}{unit}" if unit else f"{x:.4g}{_SI_PREFIXES[power]}"
-
-
-def pct(value: Any) -> str:
-    """A fraction as a percentage: 0.2003 -> `20.03 %`."""
-    x = _number(value)
-    return "n/a" if x is None else f"{100 * x:.4g} %"
-
-
-def duration(seconds: Any) -> str:
-    """Seconds in the unit a person reads best: `42.5 s`, `12.3 min`, `2.5 h`."""
-    s = _number(seconds)
-    if s is None:
-        return "n/a"
-    if s < 120:
-        return f"{s:.4g} s"
-    return f"{s / 60:.4g} min" if s < 7200 else f"{s / 3600:.4g} h"
-
-
-def with_ci(value: Any, low: Any, high: Any) -> str:
-    """`0.6781 (95% CI 0.6606 to 0.6956)`, or just the value when the interval is missing."""
-    if _number(low) is None or _number(high) is None:
-        return fmt(value)
-    return f"{fmt(value)} (95% CI {fmt(low)} to {fmt(high)})"
-
-
-def escape_cell(text: str) -> str:
-    """Free text made safe for one markdown table cell: `|`, markup and newlines escaped."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_TABLE_ESCAPES)
-    return text.replace("\n", " ⏎ ").replace("\t", " ").strip()
-
-
-def cell(value: Any) -> str:
-    """One table cell: `Md` as is, other strings escaped, numbers through `fmt`."""
-    if isinstance(value, Md):
-        return str(value)
-    return escape_cell(value if isinstance(value, str) else fmt(value)) or " "
-
-
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    """A markdown table; every cell goes through `cell`."""
-    lines = [
-        "| " + " | ".join(cell(h) for h in header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return lines
-
-
-def code(text: Any) -> str:
-    """An inline code span that survives backticks in `text` (not for table cells)."""
-    s = str(text)
-    fence = "`" * (max((len(run) for run in re.findall(r"`+", s)), default=0) + 1)
-    pad = " " if s.startswith("`") or s.endswith("`") else ""
-    return f"{fence}{pad}{s}{pad}{fence}"
-
-
 def not_run(stage: str) -> str:
     """The card's words for a part whose stage report is missing."""
     return f"not available (stage {stage} not run)"
-
-
-def bullets(items: Iterable[tuple[str, Any]]) -> list[str]:
-    """`- **label:** value` lines."""
-    return [f"- **{label}:** {value}" for label, value in items]
 
 
 # --------------------------------------------------------------------------------------
@@ -236,17 +144,17 @@ def corpus_description(inp: CardInputs) -> str:
 
 def _tokens_seen(inp: CardInputs) -> float | None:
     """Pretraining tokens from the report, else max_steps x tokens_per_step from the params."""
-    seen = _number(dig(inp.reports, "pretrain", "tokens_seen"))
+    seen = number(dig(inp.reports, "pretrain", "tokens_seen"))
     if seen is not None:
         return seen
-    steps = _number(dig(inp.params, "pretrain", "max_steps"))
-    per_step = _number(dig(inp.params, "pretrain", "tokens_per_step"))
+    steps = number(dig(inp.params, "pretrain", "max_steps"))
+    per_step = number(dig(inp.params, "pretrain", "tokens_per_step"))
     return None if steps is None or per_step is None else steps * per_step
 
 
 def _bytes_per_token(inp: CardInputs) -> float | None:
-    bpt = _number(dig(inp.tokenizer_meta, "bytes_per_token", "val"))
-    return bpt if bpt is not None else _number(dig(inp.reports, "tokenizer", "bytes_per_token_val"))
+    bpt = number(dig(inp.tokenizer_meta, "bytes_per_token", "val"))
+    return bpt if bpt is not None else number(dig(inp.reports, "tokenizer", "bytes_per_token_val"))
 
 
 def _finetune_method(inp: CardInputs) -> str | None:
@@ -280,7 +188,7 @@ def summary(inp: CardInputs) -> list[str]:
     if method:
         text += f" and fine-tuned with {method}"
     text += "."
-    bpb = _number(dig(inp.reports, "evaluate", "test", "bits_per_byte"))
+    bpb = number(dig(inp.reports, "evaluate", "test", "bits_per_byte"))
     if bpb is not None:
         text += f" Test bits/byte: {fmt(bpb)}."
     if "passed" in inp.gate:
@@ -301,7 +209,7 @@ def _source_origin(src: Mapping[str, Any]) -> str:
         origin = f"{kind} file(s) {src.get('path')}"
         if kind == "txt":
             origin += f", one doc per {src.get('txt_mode', 'paragraph')}"
-    max_docs = _number(src.get("max_docs"))
+    max_docs = number(src.get("max_docs"))
     if max_docs:
         origin += f", first {fmt(int(max_docs))} docs"
     return origin
@@ -491,7 +399,7 @@ def tokenizer_section(inp: CardInputs) -> list[str]:
 
 def _count(n: Any) -> str:
     """`131,392 (131.4k)`; small counts without the SI form."""
-    x = _number(n)
+    x = number(n)
     return fmt(n) if x is None or abs(x) < 1e4 else f"{fmt(n)} ({si(x)})"
 
 
@@ -507,9 +415,9 @@ def architecture_section(inp: CardInputs) -> list[str]:
     cfg = inp.model_config
     if not cfg:
         return ["Model config: not available (stage finetune not run)."]
-    d, heads = _number(cfg.get("n_embd")), _number(cfg.get("n_head"))
+    d, heads = number(cfg.get("n_embd")), number(cfg.get("n_head"))
     head = int(d // heads) if d and heads else None
-    mlp = int(d * cfg["mlp_ratio"]) if d and _number(cfg.get("mlp_ratio")) else None
+    mlp = int(d * cfg["mlp_ratio"]) if d and number(cfg.get("mlp_ratio")) else None
     rows = [
         ("type", "decoder-only transformer, pre-LayerNorm, LM head tied to the token embedding"),
         ("layers", cfg.get("n_layer")),
@@ -529,7 +437,7 @@ def architecture_section(inp: CardInputs) -> list[str]:
 
 
 def _flops(inp: CardInputs, report: Mapping[str, Any], tokens: float | None) -> str:
-    reported = _number(_first(report, _FLOPS_KEYS))
+    reported = number(_first(report, _FLOPS_KEYS))
     if reported is not None:
         return si(reported, "FLOP")
     if tokens is None:
@@ -542,12 +450,12 @@ def _flops(inp: CardInputs, report: Mapping[str, Any], tokens: float | None) -> 
 
 
 def _throughput(report: Mapping[str, Any], tokens: float | None) -> tuple[str, str, str]:
-    wall = _number(_first(report, _WALL_KEYS))
-    tok_s = _number(report.get("tokens_per_s"))
+    wall = number(_first(report, _WALL_KEYS))
+    tok_s = number(report.get("tokens_per_s"))
     if tok_s is None and wall and tokens is not None:
         tok_s = tokens / wall
     missing = "not recorded in reports/pretrain.json"
-    mfu = _number(report.get("mfu"))
+    mfu = number(report.get("mfu"))
     return (
         duration(wall) if wall is not None else missing,
         fmt(tok_s) if tok_s is not None else missing,
@@ -676,12 +584,12 @@ def _decoding_table(ev: Mapping[str, Any]) -> list[str]:
     if not gen:
         return []
     cols = list(dict.fromkeys(c for r in gen.values() for c in r))
-    validity = any(_number(r.get("validity_rate")) is not None for r in gen.values())
+    validity = any(number(r.get("validity_rate")) is not None for r in gen.values())
     rows = []
     for strategy, r in gen.items():
         row = [strategy, *(r.get(c) for c in cols)]
         if validity:
-            v = _number(r.get("validity_rate"))
+            v = number(r.get("validity_rate"))
             row.append(None if v is None else 1 - v)
         rows.append(row)
     header = [
@@ -758,7 +666,7 @@ def _hallucination(ev: Mapping[str, Any]) -> str | None:
     rates = {
         s: 1 - v
         for s, r in _mapping(ev.get("generation")).items()
-        if (v := _number(dig(r, "validity_rate"))) is not None
+        if (v := number(dig(r, "validity_rate"))) is not None
     }
     if not rates:
         return None
@@ -771,11 +679,11 @@ def _hallucination(ev: Mapping[str, Any]) -> str | None:
 
 def _calibration(ev: Mapping[str, Any]) -> str | None:
     cal = _mapping(dig(ev, "test", "calibration"))
-    ece = _number(cal.get("ece"))
+    ece = number(cal.get("ece"))
     if ece is None:
         return None
     text = f"- **Calibration.** ECE {fmt(ece)} on the test split"
-    acc, conf = _number(cal.get("accuracy")), _number(cal.get("confidence"))
+    acc, conf = number(cal.get("accuracy")), number(cal.get("confidence"))
     if acc is not None and conf is not None:
         side = "overconfident" if conf > acc else "underconfident"
         text += (
@@ -814,12 +722,12 @@ def _data_limit(inp: CardInputs) -> str:
             f"- **Narrow data.** Trained only on {corpus}; it reflects that corpus's domain, "
             "language and biases and knows nothing else."
         )
-    share = _number(dig(inp.reports, "synthesize", "mix", "synthetic_share_bytes"))
+    share = number(dig(inp.reports, "synthesize", "mix", "synthetic_share_bytes"))
     return text + (f" {pct(share)} of the pretraining bytes are synthetic." if share else "")
 
 
 def _context_limit(inp: CardInputs) -> str | None:
-    block = _number(inp.model_config.get("block_size"))
+    block = number(inp.model_config.get("block_size"))
     if block is None:
         return None
     bpt = _bytes_per_token(inp)
@@ -853,7 +761,7 @@ def limitations_section(inp: CardInputs) -> list[str]:
             or "- **Hallucination.** Not measured (no validity checker for this corpus)."
         )
         lines.append(_calibration(ev))
-        acc = _number(ev.get("task_accuracy"))
+        acc = number(ev.get("task_accuracy"))
         if acc is not None:
             lines.append(
                 f"- **Task skill.** Exact-match accuracy {pct(acc)} on the fine-tuning test split."
