@@ -131,20 +131,19 @@ def _dig(report: dict[str, Any], path: tuple[str, ...]) -> Any:
     return report if not isinstance(report, dict) else None
 
 
-def key_metrics(root: Path, stage: str) -> dict[str, Any]:
-    """The summary figures of a stage, read from its DVC metrics file."""
-    cfg_reports = load_config(root).path("reports")
-    path = cfg_reports / f"{stage}.json"
+def key_metrics(reports: Path, stage: str) -> dict[str, Any]:
+    """The summary figures of a stage, read from its DVC metrics file in `reports`."""
+    path = reports / f"{stage}.json"
     if not path.is_file():
         return {}
     report = json.loads(path.read_text())
-    extra = cfg_reports / EXTRA_REPORTS.get(stage, "-")
+    extra = reports / EXTRA_REPORTS.get(stage, "-")
     if extra.is_file():  # e.g. the registered version, which DVC does not track
         report |= json.loads(extra.read_text())
     return {label: _dig(report, keys) for label, keys in KEY_METRICS.get(stage, [])}
 
 
-def stale_stages(root: Path, env: dict[str, str]) -> bool:
+def anything_stale(root: Path, env: dict[str, str]) -> bool:
     """Whether `dvc status` reports anything to run (True when it cannot tell)."""
     status = dvc(root, env, "status", "--json")
     if status.returncode != 0:
@@ -173,7 +172,7 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     retry_delay_seconds=[5, 30],
     retry_condition_fn=_retry_transient,
 )
-def repro_stage(stage: str, root: str, env: dict[str, str]) -> dict[str, Any]:
+def repro_stage(stage: str, root: str, reports: str, env: dict[str, str]) -> dict[str, Any]:
     """Run `dvc repro <stage>`, streaming its output into the Prefect log."""
     t0 = time.perf_counter()
     code, lines = stream_command(["dvc", "repro", stage], root, env, stage)
@@ -187,7 +186,7 @@ def repro_stage(stage: str, root: str, env: dict[str, str]) -> dict[str, Any]:
         "stage": stage,
         "status": "ran" if ran else "skipped (unchanged)",
         "seconds": round(time.perf_counter() - t0, 1),
-        "metrics": key_metrics(Path(root), stage),
+        "metrics": key_metrics(Path(reports), stage),
     }
 
 
@@ -203,9 +202,8 @@ def experiment_name(preset: str | None) -> str:
     return f"{preset or 'params'}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{run_id}"
 
 
-def save_experiment(root: Path, env: dict[str, str], name: str) -> str | None:
+def save_experiment(root: Path, reports: Path, env: dict[str, str], name: str) -> str | None:
     """`dvc exp save -n <name>`: params.yaml, dvc.lock and the metrics files, by name."""
-    reports = load_config(root).path("reports")
     tracked = [p for p in reports.glob("*.json") if not p.name.endswith(".failed.json")]
     tracked = [p for p in tracked if p.name not in EXTRA_REPORTS.values()]
     tracked += [*reports.glob("*.md"), *(reports / "plots").glob("*.json")]
@@ -225,24 +223,23 @@ def push_outputs(root: Path, env: dict[str, str]) -> bool:
     return pushed.returncode == 0
 
 
-def run_stages(root: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+def run_stages(root: Path, reports: Path, env: dict[str, str]) -> list[dict[str, Any]]:
     """Every stage in chain order; when nothing is stale, no stage process starts."""
-    if not stale_stages(root, env):
+    if not anything_stale(root, env):
         return [
             {
                 "stage": s,
                 "status": "skipped (unchanged)",
                 "seconds": 0.0,
-                "metrics": key_metrics(root, s),
+                "metrics": key_metrics(reports, s),
             }
             for s in STAGES
         ]
     results = []
     for stage in STAGES:
         try:
-            results.append(repro_stage(stage, str(root), env))
+            results.append(repro_stage(stage, str(root), str(reports), env))
         except StageFailed as e:
-            reports = load_config(root).path("reports")
             artifacts.publish(
                 "stage-failure",
                 artifacts.failure_markdown(stage, reports, e.tail),
@@ -267,6 +264,7 @@ def lm_pipeline(
         if changed:
             logger.info("params.yaml updated (%s): %s", preset or "overrides", ", ".join(changed))
         cfg = load_config(root_path)
+        reports = cfg.path("reports")
         name = experiment_name(preset)
         tags = {
             "lmforge.prefect_flow_run_id": str(flow_run.get_id() or ""),
@@ -277,7 +275,7 @@ def lm_pipeline(
         env = stage_env(root_path, parent, name)
         results: list[dict[str, Any]] = []
         try:
-            results = run_stages(root_path, env)
+            results = run_stages(root_path, reports, env)
         finally:
             close_run(
                 cfg,
@@ -285,9 +283,8 @@ def lm_pipeline(
                 len(results) == len(STAGES),
                 {f"{r['stage']}_seconds": r["seconds"] for r in results},
             )
-        experiment = save_experiment(root_path, env, name)
+        experiment = save_experiment(root_path, reports, env, name)
         pushed = push_outputs(root_path, env) if push else False
-    reports = cfg.path("reports")
     artifacts.publish(
         "lm-pipeline-summary",
         artifacts.summary_markdown(results, parent, experiment),

@@ -16,7 +16,7 @@ Decoding samples, Lineage and Limitations. A missing report turns its part of th
 text, lineage values, expectation names) is escaped so that `|`, newlines and markdown or HTML
 characters cannot break the table.
 
-Standard library only (plus `pipeline.errors`): importable where there is no torch or mlflow.
+Standard library only (plus small stdlib-only pipeline modules): importable without torch or mlflow.
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ from pipeline.markdown import (
     table,
     with_ci,
 )
+from pipeline.stages import STAGES as ALL_STAGES
 
-STAGES = ("validate", "synthesize", "tokenizer", "pretrain", "finetune", "evaluate")  # reported
+# The stages whose reports the card reads: every stage before `register`, which writes it.
+STAGES = tuple(s for s in ALL_STAGES if s != "register")
 MAX_SAMPLE_CHARS = 600  # a sample longer than this is cut in the card (the card is a summary)
 _WALL_KEYS = ("wall_time_s", "wall_seconds", "seconds", "elapsed_s", "time_s", "train_seconds")
 _FLOPS_KEYS = ("flops", "train_flops", "total_flops")

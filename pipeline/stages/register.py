@@ -36,6 +36,7 @@ from pipeline.config import Config, GateConfig
 from pipeline.errors import LmforgeError
 from pipeline.io_utils import atomic_write_json, atomic_write_text, tree_md5
 from pipeline.model_card import CardInputs, load_reports, render_model_card
+from pipeline.shards import read_meta
 from pipeline.stage_runner import stage_main
 from pipeline.stages import STAGES
 from pipeline.textgen import GenerationParams, TextGenerator
@@ -141,9 +142,9 @@ def model_card(
     gate: dict[str, Any],
     lineage: dict[str, str],
     timing: dict[str, float],
+    tok_meta: dict[str, Any],
 ) -> str:
     """The markdown model card from the stage reports, this model and its lineage."""
-    tok_dir = cfg.path("tokenizer")
     reports = load_reports(cfg.path("reports"), STAGES)
     if "pretrain" in reports:
         reports["pretrain"] = {**reports["pretrain"], **timing}
@@ -152,7 +153,7 @@ def model_card(
         reports=reports,
         model_config=json.loads((cfg.path("finetune") / "model_config.json").read_text()),
         num_params=generator.model.num_params(exclude_position=False),
-        tokenizer_meta=read_json(tok_dir / "meta.json", "run `dvc repro tokenizer`"),
+        tokenizer_meta=tok_meta,
         params=cfg.to_dict(),
         samples=card_samples(cfg, generator),
         gate=gate,
@@ -179,10 +180,11 @@ def dvc_lock_digest(cfg: Config, path_key: str) -> str:
     return "tree:" + tree_md5(cfg.path(path_key))
 
 
-def lineage_tags(cfg: Config, client: Any, experiment_id: str, run_id: str) -> dict[str, str]:
+def lineage_tags(
+    cfg: Config, client: Any, experiment_id: str, run_id: str, tok_meta: dict[str, Any]
+) -> dict[str, str]:
     """Version tags: git commit, DVC experiment, data digests, Prefect and MLflow run ids."""
     sha, dirty = git_commit(cfg.root)
-    tok_meta = read_json(cfg.path("tokenizer") / "meta.json", "run `dvc repro tokenizer`")
     tags = {
         "git_commit": sha,
         "git_dirty": str(dirty),
@@ -266,19 +268,18 @@ def register(cfg: Config, tracker: Any, gate: dict[str, Any]) -> dict[str, Any]:
     """Package, log, register and place the aliases; the registry part of the report."""
     client, name = tracker.client, cfg.register.model_name
     experiment_id = client.get_run(tracker.run_id).info.experiment_id
-    lineage = lineage_tags(cfg, client, experiment_id, tracker.run_id)
-    package_root = Path(tempfile.mkdtemp(prefix="lmforge-register-"))
-    try:
-        package = build_package(cfg, package_root / "package")
+    tok_meta = read_meta(cfg.path("tokenizer"))
+    lineage = lineage_tags(cfg, client, experiment_id, tracker.run_id, tok_meta)
+    with tempfile.TemporaryDirectory(prefix="lmforge-register-") as tmp:
+        package = build_package(cfg, Path(tmp) / "package")
         generator = TextGenerator.from_folder(
             package,
             defaults=GenerationParams.from_mapping(dataclasses.asdict(cfg.register.decoding)),
         )
-        card = model_card(cfg, generator, gate, lineage, pretrain_timing(client, lineage))
+        timing = pretrain_timing(client, lineage)
+        card = model_card(cfg, generator, gate, lineage, timing, tok_meta)
         atomic_write_text(package / "MODEL_CARD.md", card)
         model_uri = log_model(cfg, tracker.run_id, package)
-    finally:
-        shutil.rmtree(package_root, ignore_errors=True)
     tracker.log_text(card, "MODEL_CARD.md")
     champion = registry.version_by_alias(client, name, registry.CHAMPION)
     registry.ensure_registered_model(client, name, "GPT-style LM trained by lmforge")
