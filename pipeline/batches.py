@@ -10,7 +10,9 @@ come from `np.random.default_rng([seed, step, index])`. So
   same global batch (the DDP/FSDP equivalence tests rely on this).
 
 A background thread prepares the next batches while the model computes, and pins them on
-CUDA so the host-to-device copy can overlap.
+CUDA so the host-to-device copy can overlap. An error in that thread is handed to the
+training loop through the queue and raised there (chained to the original), so it can
+never leave the loop waiting forever on a queue nobody fills.
 """
 
 from __future__ import annotations
@@ -18,17 +20,51 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from pipeline.errors import LmforgeError
+
+
+class ShardTooShort(LmforgeError, ValueError):
+    """A token shard cannot hold one training window of block_size + 1 tokens."""
+
+
+class BatchPrefetchError(RuntimeError):
+    """The prefetch thread failed; the original exception is its `__cause__`."""
+
+
+def min_tokens(block: int) -> int:
+    """Smallest shard `sample_batch` can draw from: one (block+1)-token window, 2 starts.
+
+    The start is drawn from [0, len - block - 1), which must not be empty.
+    """
+    return block + 2
+
+
+def _describe(tokens: np.ndarray, name: str | None) -> str:
+    """A name for the shard in messages: the given name, else the memmap's file."""
+    return name or getattr(tokens, "filename", None) or "token shard"
+
+
+def check_shard(tokens: np.ndarray, block: int, name: str | None = None) -> None:
+    """Raise ShardTooShort naming the shard, its token count and what block_size needs."""
+    need = min_tokens(block)
+    if len(tokens) < need:
+        raise ShardTooShort(
+            f"{_describe(tokens, name)}: has {len(tokens)} tokens, but model.block_size="
+            f"{block} needs at least {need} (block_size + 2). Give this split more text, "
+            "or lower model.block_size."
+        )
 
 
 def sample_batch(
     tokens: np.ndarray, seed: int, step: int, index: int, batch: int, block: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) of shape (batch, block) int64, y shifted by one token; seeded by position."""
-    if len(tokens) < block + 2:
-        raise ValueError(f"shard has {len(tokens)} tokens; need more than block_size+1={block + 1}")
+    check_shard(tokens, block)
     rng = np.random.default_rng([seed, step, index])
     starts = rng.integers(0, len(tokens) - block - 1, size=batch)
     window = np.stack([tokens[s : s + block + 1] for s in starts]).astype(np.int64)  # (B, T+1)
@@ -36,8 +72,20 @@ def sample_batch(
     return chunk[:, :-1], chunk[:, 1:]
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """Queue item: the producer stopped with `error` while preparing `step`."""
+
+    step: int
+    error: BaseException
+
+
 class BatchStream:
-    """Yields the micro-batches of steps `start..stop-1` for one process, prefetched."""
+    """Yields the micro-batches of steps `start..stop-1` for one process, prefetched.
+
+    The shard is checked here, so a shard shorter than one window fails before training
+    starts, with a message naming it (`name`, else the memmap's file).
+    """
 
     def __init__(
         self,
@@ -51,30 +99,61 @@ class BatchStream:
         world: int,
         device: torch.device,
         prefetch: int = 4,
+        name: str | None = None,
     ) -> None:
+        check_shard(tokens, block, name)
         self.tokens, self.seed, self.batch, self.block = tokens, seed, batch, block
         self.accum, self.rank, self.world, self.device = accum, rank, world, device
-        self.prefetch = prefetch
+        self.prefetch, self.name = prefetch, _describe(tokens, name)
 
     def indices(self, step: int) -> list[int]:
         """Global micro-batch indices this process reads at `step`."""
         return [m * self.world + self.rank for m in range(self.accum)]
 
+    @staticmethod
+    def _put(out: queue.Queue, item: object, halt: threading.Event) -> bool:
+        """Put `item`, giving up when the consumer has gone (halt set); whether it went in."""
+        while not halt.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _produce(self, start: int, stop: int, out: queue.Queue, halt: threading.Event) -> None:
         pin = self.device.type == "cuda"
-        for step in range(start, stop):
-            for index in self.indices(step):
-                x, y = sample_batch(self.tokens, self.seed, step, index, self.batch, self.block)
-                if pin:
-                    x, y = x.pin_memory(), y.pin_memory()
-                while not halt.is_set():
-                    try:
-                        out.put((x, y), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if halt.is_set():
-                    return
+        step = start
+        try:
+            for step in range(start, stop):
+                for index in self.indices(step):
+                    x, y = sample_batch(self.tokens, self.seed, step, index, self.batch, self.block)
+                    if pin:
+                        x, y = x.pin_memory(), y.pin_memory()
+                    if not self._put(out, (x, y), halt):
+                        return
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._put(out, _Failed(step, e), halt)
+
+    def _get(self, out: queue.Queue, worker: threading.Thread) -> tuple[torch.Tensor, ...]:
+        """The next item; raises the producer's error in this (the training) thread."""
+        while True:
+            try:
+                item = out.get(timeout=0.5)
+                break
+            except queue.Empty:
+                # The producer always reports its end through the queue; a dead thread with
+                # an empty queue is a bug, reported rather than waited on forever.
+                if not worker.is_alive() and out.empty():
+                    raise BatchPrefetchError(
+                        f"batch prefetch thread for {self.name} ended without a batch"
+                    ) from None
+        if isinstance(item, _Failed):
+            raise BatchPrefetchError(
+                f"batch prefetch thread failed at step {item.step} reading {self.name}: "
+                f"{type(item.error).__name__}: {item.error}"
+            ) from item.error
+        return item
 
     def steps(self, start: int, stop: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """For each step in [start, stop): its `accum` micro-batches, on the device."""
@@ -84,7 +163,7 @@ class BatchStream:
         worker.start()
         try:
             for _ in range(start, stop):
-                micro = [out.get() for _ in range(self.accum)]
+                micro = [self._get(out, worker) for _ in range(self.accum)]
                 yield [
                     (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                     for x, y in micro
