@@ -14,11 +14,21 @@ A run, in order:
 3. opens the MLflow parent run, tagged with the git commit, the DVC experiment name and the
    Prefect flow run id, and hands its id to the stage processes (their runs are children);
 4. runs the stages; only transient failures (exit code 75, e.g. an unreachable tracking
-   server) are retried; a gate or bad-input failure fails fast and shows its report;
+   server) are retried; a gate or bad-input failure fails fast and shows its report; a
+   stage stopped by SIGTERM (143: pretrain saved a checkpoint) is reported as such;
 5. saves the workspace as a named DVC experiment (`dvc exp save`: params.yaml, dvc.lock and
-   the metrics files) and pushes the outputs to the DVC remote;
-6. publishes Prefect artifacts: the summary, the GX result, the evaluation table and the
-   registered model; a failed quality gate then fails the run.
+   the metrics files) and pushes the outputs to the DVC remote (unless `push=False`);
+6. ends the MLflow parent run, FAILED if a stage, the save or the push failed;
+7. publishes Prefect artifacts: the summary, the GX result, the evaluation table and the
+   registered model; then a failed save or push, or a failed quality gate, fails the run
+   (so a nightly run whose outputs never reached the remote does not end Completed).
+
+How the flow learns a stage's exit code: `dvc repro` exits 255 whatever the stage returned,
+and prints "failed to run: <cmd>, exited with <code>" (negative: killed by that signal).
+The pretrain stage runs under `pipeline.launch`, which maps torchrun's generic 1 back to the
+worker's code and also writes it to `.lmforge/exit/pretrain.json`; that record is read
+first, because a SIGTERM to the whole process group kills DVC itself before it can print
+anything (`stage_exit_code`).
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from flows import artifacts
 from flows.streaming import stream_command
 from pipeline.config import load_config
 from pipeline.errors import EXIT_TRANSIENT, is_transient
+from pipeline.launch import describe_status, exit_record_path, read_exit_record, shell_status
 from pipeline.params_file import apply_to_params
 from pipeline.stages import STAGES
 from pipeline.tracking import (
@@ -91,16 +102,35 @@ KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
 EXTRA_REPORTS = {"register": "register_version.json"}
 
 
+# Exit status of a process stopped by SIGTERM (128 + 15); pretrain saves a checkpoint first.
+EXIT_SIGTERM = 128 + 15
+
+
 class StageFailed(RuntimeError):
     """`dvc repro <stage>` exited non-zero; the message carries the end of its output."""
 
     def __init__(self, stage: str, exit_code: int | None, tail: str) -> None:
-        super().__init__(f"stage {stage} failed (dvc repro {stage}):\n{tail}")
+        meaning = describe_status(exit_code)
+        if exit_code == EXIT_SIGTERM:
+            meaning += (
+                "; a checkpoint was saved if the stage had started training, run again to resume"
+            )
+        code = "" if exit_code is None else f"exit {exit_code}: "
+        super().__init__(f"stage {stage} failed (dvc repro {stage}; {code}{meaning}):\n{tail}")
         self.stage, self.exit_code, self.tail = stage, exit_code, tail
 
     @property
     def transient(self) -> bool:
         return self.exit_code == EXIT_TRANSIENT
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by SIGTERM (not a failure of the stage's own making)."""
+        return self.exit_code == EXIT_SIGTERM
+
+
+class PublishFailed(RuntimeError):
+    """The stages ran, but `dvc exp save` or `dvc push` failed: the run must not look green."""
 
 
 class QualityGateFailed(RuntimeError):
@@ -154,6 +184,24 @@ def anything_stale(root: Path, env: dict[str, str]) -> bool:
         return True
 
 
+def stage_exit_code(dvc_code: int, lines: list[str], record: dict[str, Any] | None) -> int | None:
+    """The stage command's exit status, from what one failed `dvc repro <stage>` left.
+
+    In order of trust: the launcher's exit record (written by this attempt: the caller
+    removes any older one first); DVC's "exited with N" line (N < 0: killed by signal -N);
+    DVC's own death by a signal (a signal to the process group reaches DVC too). A signal
+    N is reported as 128 + N, as a shell does. None when nothing says.
+    """
+    if record is not None and isinstance(record.get("exit_code"), int):
+        return record["exit_code"]
+    codes = re.findall(r"exited with (-?\d+)", "\n".join(lines[-30:]))
+    if codes:
+        return shell_status(int(codes[-1]))
+    if dvc_code < 0:
+        return shell_status(dvc_code)
+    return None
+
+
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry condition: retry a stage only after a transient failure (exit 75)."""
     try:
@@ -175,12 +223,12 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 def repro_stage(stage: str, root: str, reports: str, env: dict[str, str]) -> dict[str, Any]:
     """Run `dvc repro <stage>`, streaming its output into the Prefect log."""
     t0 = time.perf_counter()
+    record = exit_record_path(root, stage)
+    record.unlink(missing_ok=True)  # only this attempt's record may speak for it
     code, lines = stream_command(["dvc", "repro", stage], root, env, stage)
     if code != 0:
         tail = "\n".join(lines[-30:])
-        # DVC reports the stage command's own exit code: "... exited with 75"
-        codes = re.findall(r"exited with (\d+)", tail)
-        raise StageFailed(stage, int(codes[-1]) if codes else None, tail)
+        raise StageFailed(stage, stage_exit_code(code, lines, read_exit_record(root, stage)), tail)
     ran = any(f"Running stage '{stage}'" in line for line in lines)
     return {
         "stage": stage,
@@ -202,25 +250,51 @@ def experiment_name(preset: str | None) -> str:
     return f"{preset or 'params'}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{run_id}"
 
 
-def save_experiment(root: Path, reports: Path, env: dict[str, str], name: str) -> str | None:
-    """`dvc exp save -n <name>`: params.yaml, dvc.lock and the metrics files, by name."""
+def _failure(step: str, result: subprocess.CompletedProcess) -> str:
+    """`step` failed (exit N): the end of its stderr (else stdout), for the run's message."""
+    output = (result.stderr.strip() or result.stdout.strip())[-2000:]
+    return f"{step} failed (exit {result.returncode}):\n{output}"
+
+
+def save_experiment(
+    root: Path, reports: Path, env: dict[str, str], name: str
+) -> tuple[str | None, str | None]:
+    """`dvc exp save -n <name>`: params.yaml, dvc.lock and the metrics files, by name.
+
+    Returns (experiment name, None) or (None, the error): the flow fails the run on it
+    after recording the rest.
+    """
     tracked = [p for p in reports.glob("*.json") if not p.name.endswith(".failed.json")]
     tracked = [p for p in tracked if p.name not in EXTRA_REPORTS.values()]
     tracked += [*reports.glob("*.md"), *(reports / "plots").glob("*.json")]
     include = [a for p in sorted(tracked) for a in ("-I", str(p.relative_to(root)))]
     saved = dvc(root, env, "exp", "save", "-f", "-n", name, *include, "-I", "dvc.lock")
     if saved.returncode != 0:
-        get_run_logger().warning("dvc exp save failed:\n%s", saved.stderr.strip()[-2000:])
-        return None
-    return name
+        error = _failure(f"dvc exp save -n {name}", saved)
+        get_run_logger().error("%s", error)
+        return None, error
+    return name, None
 
 
-def push_outputs(root: Path, env: dict[str, str]) -> bool:
-    """`dvc push` of every stage's outputs to the default remote."""
+def push_outputs(root: Path, env: dict[str, str]) -> str | None:
+    """`dvc push` of every stage's outputs to the default remote; the error, if it failed."""
     pushed = dvc(root, env, "push")
     if pushed.returncode != 0:
-        get_run_logger().warning("dvc push failed:\n%s", pushed.stderr.strip()[-2000:])
-    return pushed.returncode == 0
+        error = _failure("dvc push", pushed)
+        get_run_logger().error("%s", error)
+        return error
+    return None
+
+
+def publish_markdown(push: bool, errors: list[str]) -> str:
+    """The summary's last section: did the run's record reach DVC and the remote?"""
+    lines = ["", "## DVC experiment and remote", ""]
+    if not errors:
+        lines.append("Saved" + (" and pushed." if push else "; not pushed (`--no-push`)."))
+    for error in errors:
+        step, _, output = error.partition("\n")
+        lines += [f"**{step}**", "", "```", output, "```", ""]
+    return "\n".join(lines)
 
 
 def run_stages(root: Path, reports: Path, env: dict[str, str]) -> list[dict[str, Any]]:
@@ -274,20 +348,26 @@ def lm_pipeline(
         parent = open_parent(str(root_path), tags)
         env = stage_env(root_path, parent, name)
         results: list[dict[str, Any]] = []
+        errors: list[str] = []  # of `dvc exp save` / `dvc push`: they fail the run below
+        experiment, pushed = None, False
         try:
             results = run_stages(root_path, reports, env)
+            experiment, error = save_experiment(root_path, reports, env, name)
+            errors += [error] if error else []
+            if push:
+                error = push_outputs(root_path, env)
+                errors += [error] if error else []
+                pushed = error is None
         finally:
             close_run(
                 cfg,
                 parent,
-                len(results) == len(STAGES),
+                len(results) == len(STAGES) and not errors,
                 {f"{r['stage']}_seconds": r["seconds"] for r in results},
             )
-        experiment = save_experiment(root_path, reports, env, name)
-        pushed = push_outputs(root_path, env) if push else False
     artifacts.publish(
         "lm-pipeline-summary",
-        artifacts.summary_markdown(results, parent, experiment),
+        artifacts.summary_markdown(results, parent, experiment) + publish_markdown(push, errors),
         "stage status, durations and key metrics",
     )
     artifacts.publish("gx-validation", artifacts.gx_markdown(reports), "Great Expectations")
@@ -296,6 +376,9 @@ def lm_pipeline(
     for r in results:
         logger.info("%-11s %-20s %6.1fs  %s", r["stage"], r["status"], r["seconds"], r["metrics"])
     registered = json.loads((reports / "register.json").read_text())
+    if errors:
+        gate = "" if registered["gate"]["passed"] else "\n(the quality gate failed too)"
+        raise PublishFailed("\n\n".join(errors) + gate)
     if not registered["gate"]["passed"]:
         raise QualityGateFailed(registered.get("reason", "quality gate failed"))
     return {

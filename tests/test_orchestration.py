@@ -10,6 +10,7 @@ from mlflow.exceptions import MlflowException
 
 from flows import artifacts
 from flows.pipeline_flow import StageFailed, _retry_transient
+from pipeline.config import load_config
 from pipeline.errors import EXIT_TRANSIENT, GateFailed, LmforgeError, is_transient
 from pipeline.stage_runner import stage_main
 from pipeline.workspace_lock import WorkspaceBusy, workspace_lock
@@ -133,3 +134,108 @@ def test_failure_artifact_carries_the_failed_report(tmp_path):
     md = artifacts.failure_markdown("synthesize", tmp_path, "ERROR: failed to reproduce")
     assert "reports/synthesize.failed.json" in md and '"drift": "high"' in md
     assert "ERROR: failed to reproduce" in md
+
+
+# --- A failed `dvc exp save` or `dvc push` fails the run (after recording everything) -------
+
+# Stand-in stages under the flow's stage names: what is tested is what the flow does after
+# the stages, against a real DVC repo and remote, real git and a real MLflow store.
+_STUB = """\
+import json, pathlib, sys
+stage = sys.argv[1]
+pathlib.Path("data").mkdir(exist_ok=True)
+pathlib.Path("data", stage + ".txt").write_text(stage)
+report = {"gate": {"passed": True}, "registered": False} if stage == "register" else {}
+pathlib.Path("reports").mkdir(exist_ok=True)
+pathlib.Path("reports", stage + ".json").write_text(json.dumps(report))
+"""
+
+
+def _flow_project(base: Path, *, commit: bool, remote_ok: bool) -> Path:
+    import subprocess
+    import sys
+
+    from conftest import make_project
+
+    from pipeline.stages import STAGES
+
+    root = make_project(base / "proj", overrides=["tracking.enabled=true"])
+    (root / "stub.py").write_text(_STUB)
+    (root / "dvc.yaml").write_text(
+        "stages:\n"
+        + "".join(
+            f"  {s}:\n    cmd: python stub.py {s}\n    outs:\n      - data/{s}.txt\n"
+            f"    metrics:\n      - reports/{s}.json:\n          cache: false\n"
+            for s in STAGES
+        )
+    )
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, cwd=root, check=True, capture_output=True)
+
+    run("git", "init", "-q")
+    run(dvc, "init", "-q")
+    # A remote under a regular file: creating anything there fails (for root too).
+    (base / "a-file").write_text("a regular file")
+    remote = base / "remote" if remote_ok else base / "a-file" / "sub"
+    run(dvc, "remote", "add", "-d", "r", str(remote))
+    (root / ".gitignore").write_text("mlflow.db\n/.lmforge/\n/data/\n")
+    if commit:  # without a commit `dvc exp save` fails ("Empty git repo")
+        run("git", "add", "-A")
+        run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return root
+
+
+def _parent_run_status(root: Path) -> str:
+    import mlflow
+
+    from pipeline.tracking import tracking_uri
+
+    cfg = load_config(root)
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'lm-pipeline'")
+    return run.info.status
+
+
+def _run_flow(root: Path, push: bool = True):
+    from flows.pipeline_flow import lm_pipeline
+
+    return lm_pipeline(root=str(root), push=push, return_state=True)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize(
+    ("commit", "remote_ok", "step", "error"),
+    [
+        (True, False, "dvc push failed", "Not a directory"),
+        (False, True, "dvc exp save -n", "Empty git repo"),
+    ],
+)
+def test_failed_save_or_push_fails_the_run_after_recording_it(
+    tmp_path, monkeypatch, commit, remote_ok, step, error
+):
+    from test_pipeline_e2e import prefect_artifacts
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = _flow_project(tmp_path, commit=commit, remote_ok=remote_ok)
+    state = _run_flow(root)
+    assert state.is_failed(), state
+    message = str(state.message) + str(state.result(raise_on_failure=False))
+    assert step in message and error in message
+    assert _parent_run_status(root) == "FAILED"
+    summary = prefect_artifacts(str(state.state_details.flow_run_id))["lm-pipeline-summary"]
+    assert "| register | ran |" in summary and step in summary and error in summary
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_no_push_keeps_the_opt_out(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = _flow_project(tmp_path, commit=True, remote_ok=False)
+    state = _run_flow(root, push=False)
+    assert state.is_completed(), state
+    assert state.result()["dvc_experiment"] and not state.result()["dvc_pushed"]
+    assert _parent_run_status(root) == "FINISHED"
