@@ -46,16 +46,79 @@ def atomic_write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _temp_owner(name: str, target: str) -> int | None:
+    """The pid in a temporary's name `.<target>.<pid>.<random>.tmp`; None if it has none."""
+    middle = name[len(target) + 2 : -len(".tmp")]  # "<pid>.<random>" or, before pids, "<random>"
+    pid, dot, _ = middle.partition(".")
+    return int(pid) if dot and pid.isdigit() else None
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Clear what a killed writer of `path` left beside it; the paths removed or restored.
+
+    `atomic_dir(path)` builds `.<name>.<pid>.<random>.tmp` beside `path` and swaps it in
+    through `.<name>.old`. A process killed in between leaves those behind:
+    - a temporary folder whose owner pid is gone (or has no pid: made before pids were in
+      the name) is deleted; one whose owner is alive belongs to a running writer and is
+      kept, unless the owner is this process (then it is left over from an earlier failed
+      attempt in this same process, which has already cleaned up, so it cannot be live);
+    - `.<name>.old` is the previous good output: if `path` itself is missing (killed between
+      the two renames) it is renamed back to `path`, otherwise it is deleted.
+    Assumption, enforced by the workspace lock for pipeline runs: one process writes a given
+    output at a time, so nobody else is using `.<name>.old`.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    touched: list[Path] = []
+    prefix = f".{path.name}."
+    for entry in path.parent.iterdir():
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+            continue
+        owner = _temp_owner(entry.name, path.name)
+        if owner is not None and owner != os.getpid() and _pid_alive(owner):
+            continue  # a live writer's folder
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        touched.append(entry)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # killed between the two renames: the last good output is put back
+            os.replace(old, path)
+        touched.append(old)
+    return touched
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `path`, on error it is deleted.
 
     The previous `path` is kept until the new one is complete, then swapped out with two
     renames (the window between them is tiny and never leaves a partial folder at `path`).
+    What an earlier, killed writer left behind is cleared first (`remove_stale_temporaries`);
+    the temporary's name carries this process's pid so that a live writer's is recognised.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_stale_temporaries(path)
+    tmp = Path(
+        tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    )
     try:
         yield tmp
     except BaseException:

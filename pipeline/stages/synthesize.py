@@ -254,7 +254,9 @@ def run(cfg: Config) -> dict[str, Any]:
         tracker.log_params({"seed": cfg.seed, STAGE: dataclasses.asdict(cfg.synthesize)})
         with atomic_dir(cfg.path("synthetic")) as out:
             report = synthesize_into(cfg, out, world, train, held_out)
-            report_path = atomic_write_json(cfg.path("reports") / f"{STAGE}.json", report)
+        # The report only once the folder it describes is in place (a kill in between
+        # leaves the previous report with the previous outputs).
+        report_path = atomic_write_json(cfg.path("reports") / f"{STAGE}.json", report)
         mix = report["mix"]
         tracker.log_metrics({k: v for k, v in mix.items() if not isinstance(v, dict)})
         tracker.log_metrics({"contaminated_fraction": report["contaminated_fraction"]})

@@ -107,7 +107,9 @@ def run(cfg: Config) -> dict[str, Any]:
                     f"previous outputs in {cfg.path('validated')} are unchanged"
                 )
             save_resolved(cfg, out_tmp)
-            report_path = atomic_write_json(cfg.path("reports") / f"{STAGE}.json", report)
+        # The report last, after both folders are in place: a kill before this line leaves
+        # the previous report with the previous outputs, never a report without its outputs.
+        report_path = atomic_write_json(cfg.path("reports") / f"{STAGE}.json", report)
         # Artifacts and datasets are logged from their final places, after the renames.
         seconds = time.perf_counter() - t0
         tracker.log_metrics({**scan.aggregates(), "seconds": seconds})
