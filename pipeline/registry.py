@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import LmforgeError
+from pipeline.errors import EXIT_TRANSIENT, LmforgeError, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +23,67 @@ CHALLENGER = "challenger"
 MAX_DESCRIPTION = 5000  # the SQL stores cap model version descriptions at 5000 characters
 
 
+class RegistryError(LmforgeError):
+    """The registry could not answer (not "absent"); `exit_code` 75 when retrying may help."""
+
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.exit_code = EXIT_TRANSIENT if transient else 1
+
+
+# Error codes of a registry that is there but failing for now (5xx, rate limits). A
+# connection that fails outright is an MlflowException with INTERNAL_ERROR and the urllib3
+# text ("Max retries exceeded ... Connection refused"), which is_transient also recognises.
+_TRANSIENT_CODES = frozenset(
+    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+)
+
+
+def _registry_error(client: Any, what: str, exc: Exception) -> RegistryError:
+    """The error to raise for a failed registry call, naming the registry and the call."""
+    code = getattr(exc, "error_code", None)
+    transient = is_transient(exc) or code in _TRANSIENT_CODES
+    where = getattr(client, "_registry_uri", None) or "(registry URI unknown)"  # MlflowClient's
+    kind = "unreachable or failing (transient; retry)" if transient else "refused the request"
+    return RegistryError(f"model registry at {where} {kind} while {what}: {exc}", transient)
+
+
+def _absent(exc: Exception) -> bool:
+    """Whether an MlflowException says "does not exist" (not any other failure).
+
+    Both stores, SQLAlchemy in-process and REST (the server sends the store's error code in
+    its JSON body), answer RESOURCE_DOES_NOT_EXIST for a registered model or version that
+    does not exist. A non-JSON 404 (e.g. a proxy's page) is ENDPOINT_NOT_FOUND: not absent.
+    """
+    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
 def version_by_alias(client: Any, name: str, alias: str) -> Any | None:
-    """The version of `name` holding `alias`, or None when the model or alias does not exist."""
+    """The version of `name` holding `alias`, or None when the model or alias does not exist.
+
+    Any other failure (server down, 5xx, permission) raises RegistryError: treating it as
+    "no champion" would promote a new version without comparing it. The alias is looked up
+    in the registered model's alias map, not with get_model_version_by_alias: for a missing
+    alias the stores answer INVALID_PARAMETER_VALUE, the same code as a malformed request,
+    so only its message would tell the two apart.
+    """
     from mlflow.exceptions import MlflowException
 
+    what = f"looking up alias {alias!r} of registered model {name!r}"
     try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if _absent(e):
+            return None
+        raise _registry_error(client, what, e) from e
+    version = (model.aliases or {}).get(alias)
+    if version is None:
         return None
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as e:
+        raise _registry_error(client, what, e) from e
 
 
 def ensure_registered_model(client: Any, name: str, description: str) -> None:
@@ -39,9 +92,12 @@ def ensure_registered_model(client: Any, name: str, description: str) -> None:
 
     try:
         client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description=description)
-        log.info("created registered model %r", name)
+        return
+    except MlflowException as e:
+        if not _absent(e):
+            raise _registry_error(client, f"looking up registered model {name!r}", e) from e
+    client.create_registered_model(name, description=description)
+    log.info("created registered model %r", name)
 
 
 def create_version(

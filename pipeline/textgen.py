@@ -18,7 +18,6 @@ mode; `torch.no_grad` is per thread).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -30,17 +29,93 @@ from torch.nn import functional as F
 
 from pipeline import checkpoint as ckpt
 from pipeline.errors import LmforgeError
-from pipeline.generate import DecodeConfig, generate
+from pipeline.generate import STRATEGIES, DecodeConfig, generate
 from pipeline.model import GPT
 from pipeline.tokenizer import decode, encode_docs, load_tokenizer
 
 EOT = "<|endoftext|>"
 PACKAGE_FILES = ("model_config.json", "model.safetensors", "tokenizer.json")
+DEFAULTS_FILE = "generation_defaults.json"  # in a registered package: register.decoding
+
+
+# Bounds of a generation request: the same rule for the served model and `lmforge generate`.
+# - max_new_tokens: 1 .. the model's block_size. Prompt and continuation share the context,
+#   and the prompt is cropped from the left to fit (pipeline/generate.py), so the longest
+#   continuation is the whole context; a larger value is refused, never quietly lowered.
+# - temperature: finite, 0 < t <= MAX_TEMPERATURE (0 would be argmax: use strategy greedy;
+#   above 10 sampling is close to uniform noise, the same bound as register.decoding).
+# - top_k >= 0 (0 = off; a k above the vocabulary keeps every token); 0 < top_p <= 1.
+# - num_beams: 1 .. MAX_BEAMS (the cost of beam search grows with the width; it is the bound
+#   of register.decoding.num_beams). It applies to strategy beam only, as temperature, top_k
+#   and top_p apply to strategy sample only.
+# - strategy: one of pipeline.generate.STRATEGIES (greedy, sample, beam).
+# - seed: 0 .. 2**63 - 1 (a torch.Generator seed; MLflow's `long`).
+# - prompts: 1 .. MAX_PROMPTS strings of at most MAX_PROMPT_CHARS characters each. Each
+#   prompt is decoded on its own, so a request costs prompts x max_new_tokens forward steps.
+MAX_TEMPERATURE = 10.0
+MAX_BEAMS = 64
+MAX_SEED = 2**63 - 1
+MAX_PROMPTS = 64
+MAX_PROMPT_CHARS = 20_000
+PROMPTS_FIELD = "inputs"  # the served model's request field that holds the prompts
+
+
+class GenerationRequestError(LmforgeError, ValueError):
+    """A generation request field with a bad value; `field` names it (e.g. "top_p")."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _shown(value: Any) -> str:
+    """The value as the request spelled it: JSON-like, and short."""
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is not a token count
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _check_int(name: str, value: Any, low: int, high: int, why: str = "") -> None:
+    if not _is_int(value) or not low <= value <= high:
+        raise GenerationRequestError(
+            name, f"expected an integer in [{low}, {high}]{why}, got {_shown(value)}"
+        )
+
+
+def check_prompts(prompts: Any) -> list[str]:
+    """The prompts of a request, checked against the bounds above; an error names the field."""
+    if not isinstance(prompts, list | tuple) or not 1 <= len(prompts) <= MAX_PROMPTS:
+        got = f"{len(prompts)} items" if isinstance(prompts, list | tuple) else _shown(prompts)
+        raise GenerationRequestError(
+            PROMPTS_FIELD, f"expected a list of 1 to {MAX_PROMPTS} prompt strings, got {got}"
+        )
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise GenerationRequestError(
+                f"{PROMPTS_FIELD}[{i}]", f"expected a string, got {_shown(prompt)}"
+            )
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise GenerationRequestError(
+                f"{PROMPTS_FIELD}[{i}]",
+                f"a prompt has at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}",
+            )
+    return list(prompts)
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Per-request decoding settings (the pyfunc's params; defaults from `register.decoding`)."""
+    """Per-request decoding settings (the pyfunc's params; defaults from `register.decoding`).
+
+    Every instance is checked on construction (types and the bounds above, except the
+    model's own limit on max_new_tokens: `check_for_model`); an error names the field.
+    """
 
     strategy: str = "greedy"  # greedy | sample | beam
     max_new_tokens: int = 48
@@ -51,31 +126,78 @@ class GenerationParams:
     seed: int = 0
     return_full_text: bool = True  # prompt + continuation (False: the continuation only)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
+            raise GenerationRequestError(
+                "strategy", f"expected one of {list(STRATEGIES)}, got {_shown(self.strategy)}"
+            )
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise GenerationRequestError(
+                "max_new_tokens",
+                f"expected an integer >= 1, got {_shown(self.max_new_tokens)}",
+            )
+        t = self.temperature
+        if not _is_number(t) or not 0 < t <= MAX_TEMPERATURE:
+            raise GenerationRequestError(
+                "temperature",
+                f"expected a number in (0, {MAX_TEMPERATURE:g}] (use strategy 'greedy' for "
+                f"argmax), got {_shown(t)}",
+            )
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise GenerationRequestError(
+                "top_k", f"expected an integer >= 0 (0 = off), got {_shown(self.top_k)}"
+            )
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise GenerationRequestError(
+                "top_p", f"expected a number in (0, 1] (1 = off), got {_shown(self.top_p)}"
+            )
+        _check_int("num_beams", self.num_beams, 1, MAX_BEAMS)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        if not isinstance(self.return_full_text, bool):
+            raise GenerationRequestError(
+                "return_full_text", f"expected true or false, got {_shown(self.return_full_text)}"
+            )
+
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None, base: GenerationParams | None = None):
+    def from_mapping(
+        cls, values: Mapping[str, Any] | None, base: GenerationParams | None = None
+    ) -> GenerationParams:
         """`base` with the keys of `values` replaced; an unknown key is an error naming it."""
         base = base or cls()
+        if values is not None and not isinstance(values, Mapping):
+            raise GenerationRequestError("params", f"expected an object, got {_shown(values)}")
         values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known), key=str)
         if unknown:
-            raise LmforgeError(
-                f"unknown generation parameter(s) {unknown}; expected some of {sorted(known)}"
+            raise GenerationRequestError(
+                str(unknown[0]),
+                f"unknown generation parameter(s) {unknown}; expected some of {known}",
             )
-        merged = {f.name: getattr(base, f.name) for f in fields(cls)} | values
+        merged = {name: getattr(base, name) for name in known} | values
         return cls(**merged)
 
+    def check_for_model(self, block_size: int) -> None:
+        """The bound that depends on the model: the continuation must fit its context."""
+        _check_int(
+            "max_new_tokens",
+            self.max_new_tokens,
+            1,
+            block_size,
+            f" (this model's context, block_size={block_size})",
+        )
+
     def decode_config(self, eos_id: int) -> DecodeConfig:
-        """The checked `DecodeConfig` (a bad value raises ValueError naming the key)."""
+        """The `DecodeConfig` of these (already checked) settings."""
         return DecodeConfig(
             strategy=self.strategy,  # type: ignore[arg-type]
-            max_new_tokens=int(self.max_new_tokens),
+            max_new_tokens=self.max_new_tokens,
             temperature=float(self.temperature),
-            top_k=int(self.top_k),
+            top_k=self.top_k,
             top_p=float(self.top_p),
-            num_beams=int(self.num_beams) if self.strategy == "beam" else 1,
+            num_beams=self.num_beams if self.strategy == "beam" else 1,
             eos_id=eos_id,
-            seed=int(self.seed),
+            seed=self.seed,
         )
 
 
@@ -89,7 +211,15 @@ class TextGenerator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eot_id: int = eot
-        self.defaults = defaults or GenerationParams()
+        block_size = model.config.block_size
+        if defaults is None:  # the built-in defaults, with a continuation that fits the model
+            n_new = min(GenerationParams.max_new_tokens, block_size)
+            defaults = GenerationParams(max_new_tokens=n_new)
+        try:  # given defaults that do not fit would fail every request: refuse them now
+            defaults.check_for_model(block_size)
+        except GenerationRequestError as e:
+            raise LmforgeError(f"default generation parameters (register.decoding): {e}") from None
+        self.defaults = defaults
 
     @classmethod
     def from_folder(
@@ -111,19 +241,27 @@ class TextGenerator:
         model.load_state_dict(state)
         return cls(model, load_tokenizer(tok_path), defaults)
 
-    def complete(self, prompts: list[str], params: Mapping[str, Any] | None = None) -> list[str]:
-        """One generated text per prompt (the prompt included unless return_full_text=False)."""
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise LmforgeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    def check_request(
+        self, prompts: Any, params: Mapping[str, Any] | None = None
+    ) -> tuple[list[str], GenerationParams]:
+        """The checked prompts and settings of a request (GenerationRequestError otherwise)."""
+        prompts = check_prompts(prompts)
         gp = GenerationParams.from_mapping(params, self.defaults)
-        try:
-            dcfg = gp.decode_config(self.eot_id)
-        except ValueError as e:
-            raise LmforgeError(f"bad generation parameters: {e}") from None
-        # The continuation must leave room for the prompt: at most half the context.
-        n_new = min(dcfg.max_new_tokens, max(1, self.model.config.block_size // 2))
-        if n_new != dcfg.max_new_tokens:
-            dcfg = dataclasses.replace(dcfg, max_new_tokens=n_new)
+        gp.check_for_model(self.model.config.block_size)
+        return prompts, gp
+
+    def complete(self, prompts: list[str], params: Mapping[str, Any] | None = None) -> list[str]:
+        """One generated text per prompt (the prompt included unless return_full_text=False).
+
+        A prompt longer than the context left by max_new_tokens keeps its last tokens (the
+        left-crop of pipeline/generate.py): the model cannot see further back anyway.
+        """
+        prompts, gp = self.check_request(prompts, params)
+        return self.complete_checked(prompts, gp)
+
+    def complete_checked(self, prompts: list[str], gp: GenerationParams) -> list[str]:
+        """`complete` for a request `check_request` already accepted."""
+        dcfg = gp.decode_config(self.eot_id)
         out = []
         for prompt, ids in zip(prompts, encode_docs(self.tokenizer, prompts), strict=True):
             new = list(generate(self.model, [self.eot_id, *ids], dcfg))  # list in, list out

@@ -7,13 +7,7 @@ into its own throwaway SQLite MLflow store.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +15,7 @@ import mlflow
 import pytest
 import torch
 from conftest import cfg_for, prepared_project
+from serving_helpers import predictions, serve_model, stop
 from test_evaluate import SMALL
 from typer.testing import CliRunner
 
@@ -241,48 +236,12 @@ def test_export_from_registry(evaluated, store, tmp_path):
     assert diff < 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(port: int, body: dict) -> list[str]:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())["predictions"]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_concurrent_requests(evaluated, store, tmp_path):
     """A real `mlflow models serve` answers concurrent requests, each with its own result."""
     run_register(evaluated)
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
-    serve_cmd = [str(bin_dir / "mlflow"), "models", "serve"]
-    serve_cmd += ["-m", f"models:/{NAME}@champion"]
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [*serve_cmd, "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
-        # mlflow starts `uvicorn` from PATH: the venv's bin must be on it (as when activated)
-        env={**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    server, port = serve_model(f"models:/{NAME}@champion", store, tmp_path / "serve.log")
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail("server did not start:\n" + (tmp_path / "serve.log").read_text())
-                time.sleep(0.5)
         direct = TextGenerator.from_folder(
             evaluated / "models" / "finetune", evaluated / "data" / "tokenizer" / "tokenizer.json"
         )
@@ -296,11 +255,10 @@ def test_mlflow_models_serve_concurrent_requests(evaluated, store, tmp_path):
         ] * 2
         with ThreadPoolExecutor(len(requests)) as pool:
             answers = list(
-                pool.map(lambda r: _post(port, {"inputs": r[0], "params": r[1]}), requests)
+                pool.map(lambda r: predictions(port, {"inputs": r[0], "params": r[1]}), requests)
             )
         for (prompts, params), got in zip(requests, answers, strict=True):
             assert got == direct.complete(prompts, params), (prompts, params)
         assert answers[0][0].startswith("tom went to the park.") and len(answers[0][0]) > 21
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)

@@ -13,6 +13,8 @@
 3. It becomes `champion` when there is none yet, or when it beats the champion's bits per
    byte on the same test documents by more than `register.promote_margin`; both models
    score those documents here, each with its own tokenizer (bits/byte do not depend on it).
+   A registry that cannot answer the champion lookup fails the stage (exit 75 when it is
+   transient, so the flow retries); only "does not exist" means there is no champion.
 
 Serve the champion: `mlflow models serve -m models:/lmforge-gpt@champion --env-manager local`.
 """
@@ -39,8 +41,8 @@ from pipeline.model_card import CardInputs, load_reports, render_model_card
 from pipeline.shards import read_meta
 from pipeline.stage_runner import stage_main
 from pipeline.stages import STAGES
-from pipeline.textgen import GenerationParams, TextGenerator
-from pipeline.tracking import DVC_EXP_ENV, FLOW_RUN_ENV, PARENT_RUN_ENV, git_commit
+from pipeline.textgen import DEFAULTS_FILE, GenerationParams, TextGenerator
+from pipeline.tracking import DVC_EXP_ENV, FLOW_RUN_ENV, PARENT_RUN_ENV, git_commit, tracking_uri
 
 log = logging.getLogger(__name__)
 STAGE = "register"
@@ -110,7 +112,7 @@ def build_package(cfg: Config, dest: Path) -> Path:
         shutil.copy2(src, dest / src.name)
     atomic_write_text(dest / "config.yaml", cfg.to_yaml())
     defaults = {**dataclasses.asdict(cfg.register.decoding), "return_full_text": True}
-    atomic_write_json(dest / "generation_defaults.json", defaults)
+    atomic_write_json(dest / DEFAULTS_FILE, defaults)
     return dest
 
 
@@ -218,14 +220,18 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={version(p).split('+')[0]}" for p in pkgs]
 
 
-def log_model(cfg: Config, run_id: str, package: Path) -> str:
-    """Log the pyfunc (from code, with `pipeline/` as its code) into run `run_id`; its URI."""
+def log_model(tracking: str, run_id: str, package: Path) -> str:
+    """Log the pyfunc (from code, with `pipeline/` as its code) into run `run_id`; its URI.
+
+    The params example is every field of GenerationParams at the package's defaults, so the
+    params schema MLflow infers from it holds every request param the model knows (MLflow
+    drops the others before `predict`; pipeline/pyfunc_model.py refuses those requests).
+    """
     import mlflow
 
-    from pipeline.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    example_params = {**dataclasses.asdict(cfg.register.decoding), "return_full_text": True}
+    defaults = read_json(package / DEFAULTS_FILE, "build_package writes it")
+    example_params = dataclasses.asdict(GenerationParams.from_mapping(defaults))
+    mlflow.set_tracking_uri(tracking)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -243,8 +249,6 @@ def compare_with_champion(
 ) -> dict[str, Any]:
     """Both models' bits/byte on the same test documents; does the challenger win?"""
     import mlflow
-
-    from pipeline.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     name, margin = cfg.register.model_name, cfg.register.promote_margin
@@ -279,7 +283,7 @@ def register(cfg: Config, tracker: Any, gate: dict[str, Any]) -> dict[str, Any]:
         timing = pretrain_timing(client, lineage)
         card = model_card(cfg, generator, gate, lineage, timing, tok_meta)
         atomic_write_text(package / "MODEL_CARD.md", card)
-        model_uri = log_model(cfg, tracker.run_id, package)
+        model_uri = log_model(tracking_uri(cfg), tracker.run_id, package)
     tracker.log_text(card, "MODEL_CARD.md")
     champion = registry.version_by_alias(client, name, registry.CHAMPION)
     registry.ensure_registered_model(client, name, "GPT-style LM trained by lmforge")
