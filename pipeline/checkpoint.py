@@ -7,8 +7,13 @@ A checkpoint is a folder `step_<N>/` holding
 - `optimizer.pt`: the optimizer state (tensors, numbers and names only), read back with
   `torch.load(weights_only=True)`, which refuses arbitrary pickled objects;
 - `state.json`: step (the data position: batches are a function of the step), the
-  scheduler's state, RNG states, the loss history so far, and the config digest;
+  scheduler's state, RNG states, the loss history so far, and the training digest with
+  the inputs it was computed from (data digests, config, world size, device);
 - `config.yaml`: the resolved config.
+
+A folder of checkpoints belongs to one trajectory at a time: `save` keeps the newest
+`keep` checkpoints of its own digest and deletes those of any other digest (they can
+never be resumed by this config, and a stale high step must not outlive the new run).
 
 State dicts go through `torch.distributed.checkpoint.state_dict`, which gathers FSDP2
 shards into full tensors and works the same for DDP and a plain module, so one code path
@@ -21,7 +26,7 @@ import base64
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +60,10 @@ class TrainState:
     scheduler: dict[str, Any]
     rng: dict[str, str]
     history: list[dict[str, float]]
-    config_digest: str
+    config_digest: str  # the training digest: a run resumes only a checkpoint of its own
+    # What the digest was computed from, so a refused resume can say what changed
+    # (empty in checkpoints written before it was recorded).
+    digest_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 def rng_state() -> dict[str, str]:
@@ -121,7 +129,12 @@ def save(
     is_main: bool,
     keep: int,
 ) -> Path:
-    """Write `folder/step_<N>` atomically (all ranks call this), then keep the newest `keep`."""
+    """Write `folder/step_<N>` atomically (all ranks call this), then prune the folder.
+
+    Pruning keeps the newest `keep` checkpoints with `state.config_digest` and removes
+    every other one: older ones of this digest, and all of other digests (unreadable ones
+    included), which this trajectory has replaced.
+    """
     model_sd = get_model_state_dict(model, options=FULL)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL)
     target = folder / f"step_{state.step:07d}"
@@ -131,9 +144,20 @@ def save(
             torch.save(optim_sd, tmp / "optimizer.pt")
             atomic_write_json(tmp / "state.json", state.__dict__)
             (tmp / "config.yaml").write_text(config_yaml)
-        for old in list_checkpoints(folder)[:-keep]:
+        mine, others = [], []
+        for path in list_checkpoints(folder):
+            (mine if _digest_of(path) == state.config_digest else others).append(path)
+        for old in others + mine[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _digest_of(ckpt: Path) -> str | None:
+    """The training digest a checkpoint was made under; None when its state is unreadable."""
+    try:
+        return read_state(ckpt).config_digest
+    except CheckpointError:
+        return None
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -245,7 +245,11 @@ class FinetuneConfig:
     )
     sharpness_rho: float = spec("radius of the epsilon-sharpness ball", min=1e-6)
     sharpness_steps: int = spec("projected ascent steps for epsilon-sharpness", min=1)
-    hessian_iters: int = spec("power-iteration steps for the top Hessian eigenvalue", min=1)
+    hessian_iters: int = spec(
+        "Hessian-vector products per Lanczos run (one run each for the largest and the "
+        "smallest Hessian eigenvalue)",
+        min=1,
+    )
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ benchmark machine too (matplotlib is only tried inside ``reliability_png``). Sum
 in float64 so reports are stable to many digits and bit-identical on re-runs on CPU.
 
 Groups:
-1. ``lm_scores`` / ``loss_by_position``: cross-entropy, perplexity, bits per token and the
-   tokenizer-independent bits per byte of a token stream.
+1. ``lm_scores`` / ``target_bytes`` / ``loss_by_position``: cross-entropy, perplexity,
+   bits per token and the tokenizer-independent bits per byte of a token stream, the
+   latter over the exact bytes of the scored tokens (nanochat's ``evaluate_bpb``).
 2. ``kl_rate``: KL divergence rate (bits/byte) from an exactly scored source P to a model Q,
    on fresh documents drawn from P, with a delta-method confidence interval.
 3. ``calibration`` / ``CalibrationAccumulator`` / ``reliability_png``: expected calibration
@@ -48,6 +49,14 @@ def lm_scores(nll_per_token: torch.Tensor, n_bytes: int) -> dict[str, float]:
       Unlike the per-token numbers it does not depend on the tokenizer (a larger vocabulary
       makes fewer, harder tokens), so models with different tokenizers compare on it.
 
+    ``n_bytes`` must be the exact byte count of the N scored tokens (``target_bytes``), not
+    N times an average bytes/token: windows of a stream are not average. Separators count
+    0 bytes but their loss stays in the sum: the model has to code where a document ends,
+    so the numerator is the code length of the stream, and the KL rate (which counts the
+    end-of-document event on both sides) uses the same convention. nanochat's
+    ``evaluate_bpb`` drops the separators' loss instead; here it would make a model that
+    never predicts the end of a document look better than it is.
+
     Args:
         nll_per_token: (N,) negative log-likelihoods in nats.
         n_bytes: number of UTF-8 bytes the N tokens stand for (> 0).
@@ -69,6 +78,28 @@ def lm_scores(nll_per_token: torch.Tensor, n_bytes: int) -> dict[str, float]:
         "num_tokens": int(nll.numel()),
         "num_bytes": int(n_bytes),
     }
+
+
+def target_bytes(
+    targets: torch.Tensor, token_bytes: torch.Tensor, ignore_index: int = -1
+) -> torch.Tensor:
+    """Exact UTF-8 bytes the scored target tokens stand for: ``sum token_bytes[y]``.
+
+    Args:
+        targets: integer target ids of any shape; entries equal to ``ignore_index``
+            (padding) are not scored and count no bytes.
+        token_bytes: (V,) bytes per token id (``pipeline.tokenizer.token_byte_lengths``),
+            on the same device as ``targets``.
+
+    Returns a 0-dim int64 tensor on that device (no host sync, so it can be summed across
+    batches and processes before one ``.item()``). Ids are not range-checked here (that
+    would sync): callers check the shard against the table once (``shards.check_text_bytes``).
+    """
+    y = targets.reshape(-1)  # (N,)
+    keep = y != ignore_index  # (N,)
+    # Padding is mapped to id 0 and masked out, so no gather reads out of range.
+    ids = torch.where(keep, y, torch.zeros_like(y))
+    return (token_bytes.to(torch.int64)[ids] * keep).sum()
 
 
 def loss_by_position(nll: torch.Tensor) -> list[float]:

@@ -33,6 +33,7 @@ from pipeline.markdown import (
     bullets,
     code,
     duration,
+    escape_cell,
     fmt,
     number,
     pct,
@@ -552,15 +553,43 @@ def _finetune_table(inp: CardInputs) -> list[str]:
             dig(r, "answer_loss"),
             dig(r, "task_accuracy"),
             dig(r, "sharpness"),
-            dig(r, "top_eigenvalue"),
+            dig(r, "hessian_max_eig"),
+            dig(r, "hessian_min_eig"),
+            dig(r, "hessian_converged"),
         )
         for m, r in _mapping(report.get("methods")).items()
     ]
-    header = ["method", "held-out answer loss", "task accuracy", "ε-sharpness", "top Hessian eig."]
+    header = [
+        "method",
+        "held-out answer loss",
+        "task accuracy",
+        "ε-sharpness",
+        "largest Hessian eig.",
+        "smallest Hessian eig.",
+        "Lanczos converged",
+    ]
     return [
         "Fine-tuning methods compared (same checkpoint and data order):",
         "",
         *table(header, rows),
+        *_flatness_lines(report),
+    ]
+
+
+def _flatness_lines(report: Mapping[str, Any]) -> list[str]:
+    """The sentences finetune generated from its measurements (`flatness` in finetune.json).
+
+    The card repeats them rather than re-deriving them: finetune is where the numbers were
+    measured, and its report says what they show, "NOT flatter" and negative curvature included.
+    """
+    sentences = report.get("flatness")
+    if not isinstance(sentences, list) or not sentences:
+        return ["", "What the flatness numbers show: not stated (finetune.json has no `flatness`)."]
+    return [
+        "",
+        "What the flatness numbers show (lower is flatter; finetune, one held-out batch):",
+        "",
+        *(f"- {escape_cell(str(s))}" for s in sentences),
     ]
 
 
@@ -573,12 +602,23 @@ def _sharpness_table(ev: Mapping[str, Any], chosen: str | None) -> list[str]:
             f"{m} (chosen)" if m == chosen else m,
             dig(r, "test_loss"),
             dig(r, "sharpness"),
-            dig(r, "top_eigenvalue"),
+            dig(r, "hessian_max_eig"),
+            dig(r, "hessian_min_eig"),
+            dig(r, "hessian_converged"),
         )
         for m, r in sharp.items()
     ]
-    header = ["method", "test loss", "ε-sharpness", "top Hessian eigenvalue"]
-    return ["Sharpness of the fine-tuned weights on the test split:", "", *table(header, rows)]
+    header = [
+        "method",
+        "test loss",
+        "ε-sharpness",
+        "largest Hessian eigenvalue",
+        "smallest Hessian eigenvalue",
+        "Lanczos converged",
+    ]
+    verdict = [f"- {escape_cell(str(s))}" for s in ev.get("flatness") or []]
+    lines = ["Sharpness of the fine-tuned weights on the test split:", "", *table(header, rows)]
+    return lines + (["", "What these show:", "", *verdict] if verdict else [])
 
 
 def _decoding_table(ev: Mapping[str, Any]) -> list[str]:

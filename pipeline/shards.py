@@ -246,6 +246,41 @@ def read_shard(
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count,))
 
 
+def text_bytes(tokens: np.ndarray, token_bytes: np.ndarray, chunk: int = 1 << 22) -> int:
+    """UTF-8 bytes of text a token stream stands for, by a (V,) token->bytes table.
+
+    With `pipeline.tokenizer.token_byte_lengths` (separators count 0) this equals a split's
+    `bytes` in meta.json. Reads the stream in chunks, so a memory-mapped shard stays mapped.
+    """
+    table = np.asarray(token_bytes, dtype=np.int64)  # (V,)
+    total = 0
+    for start in range(0, len(tokens), chunk):
+        ids = np.asarray(tokens[start : start + chunk])  # (n,) uint16 | uint32
+        if ids.size and int(ids.max()) >= len(table):
+            raise ShardError(
+                f"token id {int(ids.max())} is outside the byte table of {len(table)} ids"
+            )
+        total += int(table[ids].sum())
+    return total
+
+
+def check_text_bytes(
+    path: Path | str, tokens: np.ndarray, token_bytes: np.ndarray, expected: int
+) -> None:
+    """Fail unless the shard at `path` stands for `expected` bytes (meta.json's `bytes`).
+
+    A mismatch means the tokenizer and the shards come from different tokenizer runs, and
+    every bits-per-byte figure computed from them would be wrong.
+    """
+    got = text_bytes(tokens, token_bytes)
+    if got != expected:
+        raise ShardError(
+            f"{path}: its tokens stand for {got} bytes by tokenizer.json's byte table, but "
+            f"meta.json says {expected}; the tokenizer and shards do not belong together "
+            "(run `dvc repro tokenizer`)"
+        )
+
+
 def write_meta(folder: Path | str, meta: Mapping[str, Any]) -> Path:
     """Write `meta.json` atomically (sorted keys, so equal content gives equal bytes)."""
     missing = [k for k in _META_KEYS if k not in meta]

@@ -12,9 +12,12 @@ re-implements BPE). The choices that matter for the rest of the pipeline:
   document as ordinary bytes, never as the separator id, so a corpus cannot forge document
   boundaries and the number of separators in a shard always equals its number of documents.
 - **Deterministic.** The same texts and settings give a byte-identical `tokenizer.json`.
+- **Exact bytes per token.** `token_byte_lengths` gives the number of UTF-8 bytes each id
+  stands for (special tokens: 0), so bits per byte divides by the exact byte count of the
+  scored tokens rather than an average.
 
-Core module: imports only the standard library and `tokenizers` (the GPU machine has
-nothing else), plus `pipeline.errors`.
+Core module: imports only the standard library, numpy and `tokenizers` (the GPU machine
+has nothing else), plus `pipeline.errors`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.errors import LmforgeError
@@ -142,7 +146,8 @@ def decode(tok: Tokenizer, ids: Sequence[int] | Any) -> str:
 def bytes_per_token(tok: Tokenizer, texts: Iterable[str], batch_docs: int = 1000) -> float:
     """UTF-8 bytes per token over `texts`, separators excluded: the tokenizer's compression.
 
-    Converts a per-token loss into bits per byte: bpb = loss_nats / ln 2 / bytes_per_token.
+    A descriptive figure only: bits per byte divides by the exact bytes of the scored
+    tokens (`token_byte_lengths`), since an average over one text set is wrong for another.
     """
     n_bytes = n_tokens = 0
     for batch in _batched(texts, batch_docs):
@@ -151,6 +156,38 @@ def bytes_per_token(tok: Tokenizer, texts: Iterable[str], batch_docs: int = 1000
     if n_tokens == 0:
         raise ValueError("bytes_per_token: no tokens (empty texts)")
     return n_bytes / n_tokens
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """(V,) int64: how many bytes of raw UTF-8 text each token id stands for.
+
+    Byte-level BPE spells every ordinary token in GPT-2's byte-to-unicode alphabet, one
+    character per byte, so a token's byte length is the length of its vocabulary string.
+    That also holds for a token that is part of a multi-byte character (one of the four
+    bytes of an emoji counts 1), where decoding the token alone would give U+FFFD instead.
+
+    Special tokens (the document separator `<|endoftext|>`, ...) count 0 bytes: they are
+    not text. The tokenizer stage uses the same convention for each split's `bytes` in
+    meta.json (the UTF-8 bytes of the documents, separators excluded), so summing this
+    table over a shard gives exactly that figure. A non-special added token counts the
+    UTF-8 bytes of its content. This is the table of nanochat's `evaluate_bpb`.
+    """
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    added = tok.get_added_tokens_decoder()  # {id: AddedToken}
+    lengths = np.zeros(tok.get_vocab_size(), dtype=np.int64)  # (V,)
+    for i in range(len(lengths)):
+        if i in added:
+            token = added[i]
+            lengths[i] = 0 if token.special else len(token.content.encode("utf-8"))
+            continue
+        piece = tok.id_to_token(i)
+        if piece is None or not set(piece) <= alphabet:
+            raise TokenizerError(
+                f"token id {i} ({piece!r}) is not spelled in the byte-level alphabet; "
+                "expected a byte-level BPE made by `train_bpe`"
+            )
+        lengths[i] = len(piece)
+    return lengths
 
 
 def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:

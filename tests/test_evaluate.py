@@ -6,13 +6,16 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import cfg_for, prepared_project
 
 from pipeline import metrics as M
 from pipeline.data.storyworld import StoryWorld
+from pipeline.shards import read_meta
 from pipeline.stages import evaluate, finetune, pretrain, synthesize, tokenizer, validate
+from pipeline.tokenizer import encode_docs, load_tokenizer, token_byte_lengths
 
 SMALL = [
     "model.n_layer=2",
@@ -60,12 +63,25 @@ def test_report_has_every_section(finetuned):
             kl["model_bits_per_byte"] - kl["source_bits_per_byte"]
         )
     assert set(report["sharpness"]) == set(finetune.METHODS)
+    # The sentences say what the measured numbers show, one per method against adamw.
+    for m in set(finetune.METHODS) - {"adamw"}:
+        said = [s for s in report["flatness"] if s.startswith(f"{m} is ")]
+        r, base = report["sharpness"][m], report["sharpness"]["adamw"]
+        flatter = r["sharpness"] < base["sharpness"]
+        claims = said[0].startswith(f"{m} is flatter than adamw by ε-sharpness")
+        assert len(said) == 1 and claims == flatter
     assert set(report["generation"]) == {"greedy", "beam", "temperature", "top_k", "top_p"}
     for row in report["generation"].values():
         assert 0 <= row["validity_rate"] <= 1 and 0 <= row["distinct_1"] <= 1
     assert 0 <= report["task_accuracy"] <= 1
+    # At block_size 64 most story-world docs are longer than one window: all are scored.
+    kl = report["source_kl"]["storyworld"]
+    assert 0 < kl["multi_window_docs"] <= kl["num_docs"] == cfg.evaluate.source_docs
     md = (cfg.path("reports") / "evaluate.md").read_text()
     assert "## KL rate to the true source" in md and "| storyworld |" in md
+    assert "docs over one window" in md
+    assert all(f"- {s}" in md for s in report["flatness"])
+    assert f"| {kl['num_docs']} | {kl['multi_window_docs']} |" in md
     plots = cfg.path("reports") / "plots"
     curve = json.loads((plots / "loss_by_position.json").read_text())
     assert len(curve) == cfg.model.block_size
@@ -102,3 +118,68 @@ def test_doc_bits_match_a_token_by_token_computation(finetuned):
         logp = torch.log_softmax(logits[0], -1)
         want = -sum(logp[i, t].item() for i, t in enumerate(seq[0, 1:].tolist())) / evaluate.LN2
         assert bits == pytest.approx(want, rel=1e-5)
+
+
+def brute_force_bits(model, seq: list[int]) -> float:
+    """-log2 Q(seq[1:] | seq[0]): token t fed its previous min(t, T) tokens, one call each."""
+    T = model.config.block_size
+    total = 0.0
+    with torch.no_grad():
+        for t in range(1, len(seq)):
+            logits, _ = model(torch.tensor([seq[max(0, t - T) : t]]))  # (1, <=T, V)
+            total -= torch.log_softmax(logits[0, -1].double(), -1)[seq[t]].item()
+    return total / evaluate.LN2
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_scoring_windows_predict_each_token_once_with_full_context(T):
+    for n in range(4 * T + 3):
+        predicted = []
+        for start, length, first in evaluate.scoring_windows(n, T):
+            assert 1 <= length <= T and start >= 0 and start + length < n
+            for j in range(first, length):  # position j predicts token start + j + 1
+                t = start + j + 1
+                assert j + 1 == min(t, T)  # its context: all of seq[start : t]
+                predicted.append(t)
+        assert predicted == list(range(1, n))  # every token after the first, once
+
+
+def test_doc_bits_score_a_long_document_whole(finetuned):
+    """A document three times the context, scored by the stage, equals the brute force."""
+    cfg = cfg_for(finetuned)
+    model = evaluate.load_model(cfg.path("finetune"))
+    T, V = model.config.block_size, read_meta(cfg.path("tokenizer"))["vocab_size"]
+    rng = random.Random(0)
+    docs = [[rng.randrange(1, V) for _ in range(n)] for n in (3 * T, T - 1, T, T + 1, 1)]
+    got = evaluate.doc_bits(model, docs, eot=0, batch=7)  # batches mix documents
+    for doc, bits in zip(docs, got, strict=True):
+        want = brute_force_bits(model, [0, *doc, 0])
+        assert abs(bits - want) < 1e-4, (len(doc), bits, want)
+
+
+def test_test_split_bits_per_byte_use_the_exact_bytes(finetuned):
+    """bpb of a whole stream = its total nll / ln 2 / the UTF-8 bytes of its text."""
+    cfg = cfg_for(finetuned, "evaluate.test_windows=0")
+    model = evaluate.load_model(cfg.path("finetune"))
+    tok = load_tokenizer(cfg.path("tokenizer") / "tokenizer.json")
+    T = model.config.block_size
+    world = StoryWorld(evaluate.storyworld_spec(cfg))
+    rng = random.Random(3)
+    texts = [world.sample(rng).text for _ in range(6)] + ["Naïve café, 日本語 🙂."]
+    stream = [0]
+    for ids in encode_docs(tok, texts):
+        stream += [*ids, 0]
+    windows = -(-(len(stream) - 1) // T)
+    stream += [0] * (windows * T + 1 - len(stream))  # separators (0 bytes) fill the last window
+    tokens = np.array(stream, dtype=np.uint16)
+    got = evaluate.test_scores(model, tokens, cfg, torch.from_numpy(token_byte_lengths(tok)))
+
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    nats = 0.0
+    with torch.no_grad():
+        for i in range(windows):
+            chunk = torch.from_numpy(tokens[i * T : i * T + T + 1].astype(np.int64))  # (T+1,)
+            logp = torch.log_softmax(model(chunk[None, :-1])[0][0].double(), -1)  # (T, V)
+            nats -= logp.gather(1, chunk[1:, None]).sum().item()
+    assert got["num_bytes"] == n_bytes and got["tokens_scored"] == len(stream) - 1
+    assert got["bits_per_byte"] == pytest.approx(nats / evaluate.LN2 / n_bytes, rel=1e-6)

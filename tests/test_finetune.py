@@ -85,14 +85,76 @@ def test_compare_runs_every_method_from_the_same_start(pretrained):
     assert set(report["methods"]) == set(finetune.METHODS)
     for r in report["methods"].values():
         assert 0 <= r["task_accuracy"] <= 1 and r["answer_loss"] > 0
-        assert r["sharpness"] >= 0 and r["top_eigenvalue"] == r["top_eigenvalue"]
+        assert r["sharpness"] >= 0 and r["hessian_min_eig"] <= r["hessian_max_eig"]
+        assert r["hessian_max_residual"] >= 0 and r["hessian_min_residual"] >= 0
+        assert isinstance(r["hessian_converged"], bool) and "top_eigenvalue" not in r
     out = cfg.path("finetune")
     chosen = ckpt.load_weights(out / "model.safetensors")
     sam_copy = ckpt.load_weights(out / "methods" / "sam" / "model.safetensors")
     assert all(torch.equal(chosen[k], sam_copy[k]) for k in chosen)
     table = (cfg.path("reports") / "finetune.md").read_text()
     assert "| sam (moves on) |" in table and "| swa |" in table
-    assert json.loads((cfg.path("reports") / "finetune.json").read_text())["method"] == "sam"
+    written = json.loads((cfg.path("reports") / "finetune.json").read_text())
+    assert written["method"] == "sam" and written["flatness"] == report["flatness"]
+    # what the numbers show, stated from the measured numbers, in the JSON and the markdown
+    adamw = report["methods"]["adamw"]
+    for method in ("sam", "swa", "sam+swa"):
+        r = report["methods"][method]
+        eps = f"ε-sharpness ({r['sharpness']:.3g} vs {adamw['sharpness']:.3g})"
+        eig = (
+            "the largest Hessian eigenvalue "
+            f"({r['hessian_max_eig']:.3g} vs {adamw['hessian_max_eig']:.3g})"
+        )
+        lower = (
+            r["sharpness"] < adamw["sharpness"],
+            r["hessian_max_eig"] < adamw["hessian_max_eig"],
+        )
+        expected = {
+            (True, True): f"{method} is flatter than adamw by {eps} and by {eig}.",
+            (False, False): f"{method} is NOT flatter than adamw by {eps} nor by {eig}.",
+            (True, False): f"{method} is flatter than adamw by {eps} but NOT by {eig}.",
+            (False, True): f"{method} is flatter than adamw by {eig} but NOT by {eps}.",
+        }[lower]
+        assert expected in report["flatness"] and f"- {expected}" in table
+    # every negative smallest eigenvalue (beyond rounding) is named as not-a-minimum
+    negative = next((s for s in report["flatness"] if "negative eigenvalue for" in s), "")
+    for method, r in report["methods"].items():
+        beyond_rounding = r["hessian_min_eig"] < -1e-4 * abs(r["hessian_max_eig"])
+        assert (f" {method} (" in negative) == beyond_rounding, (method, r, negative)
+
+
+def test_comparison_markdown_states_flatter_and_not_flatter():
+    """The sentences under the table come from the numbers in it, whichever way they point."""
+
+    def numbers(sharpness: float, lmax: float, lmin: float) -> dict:
+        return {
+            "answer_loss": 1.0,
+            "task_accuracy": 0.5,
+            "sharpness": sharpness,
+            "hessian_max_eig": lmax,
+            "hessian_min_eig": lmin,
+            "hessian_max_residual": 0.01,
+            "hessian_min_residual": 0.02,
+            "hessian_converged": True,
+        }
+
+    results = {
+        "adamw": numbers(0.39, 386.0, 0.5),
+        "sam": numbers(0.15, 68.0, 0.1),
+        "swa": numbers(0.5, 400.0, -21.8),
+    }
+    md = finetune.comparison_markdown(results, "sam")
+    assert "| sam (moves on) | 1.0000 | 0.500 | 0.15 | 68 | 0.1 | 0.01, 0.02 | yes |" in md
+    assert (
+        "- sam is flatter than adamw by ε-sharpness (0.15 vs 0.39) "
+        "and by the largest Hessian eigenvalue (68 vs 386)."
+    ) in md
+    assert (
+        "- swa is NOT flatter than adamw by ε-sharpness (0.5 vs 0.39) "
+        "nor by the largest Hessian eigenvalue (400 vs 386)."
+    ) in md
+    assert "- The Hessian has a negative eigenvalue for swa (-21.8): those weights are not" in md
+    assert "No negative Hessian eigenvalue for adamw and sam" in md
 
 
 def test_methods_differ_but_each_is_deterministic(pretrained):

@@ -86,6 +86,15 @@ def test_lm_scores_rejects_bad_input(nll, n_bytes):
         M.lm_scores(nll, n_bytes)
 
 
+def test_target_bytes_and_exact_bits_per_byte():
+    table = torch.tensor([0, 1, 2, 4])  # id 0 the separator (0 bytes), id 3 a 4-byte emoji
+    y = torch.tensor([[1, 3, 0], [2, 2, -1]])  # -1: padding, not scored
+    assert int(M.target_bytes(y, table)) == 1 + 4 + 0 + 2 + 2  # = 9
+    nll = torch.tensor([1.0, 2.0, 0.5, 0.25, 0.25])  # the 5 scored targets, the EOT's kept
+    got = M.lm_scores(nll, int(M.target_bytes(y, table)))["bits_per_byte"]
+    assert got == pytest.approx(4.0 / LN2 / 9)
+
+
 def test_loss_by_position():
     assert M.loss_by_position(torch.tensor([[1.0, 2.0, 0.0], [3.0, 4.0, 1.0]])) == [2.0, 3.0, 0.5]
     with pytest.raises(ValueError):

@@ -100,23 +100,50 @@ REPORTS: dict[str, dict] = {
                 "answer_loss": 1.9843,
                 "sharpness": 0.2817,
                 "task_accuracy": 0.1094,
-                "top_eigenvalue": 131.54,
+                "hessian_max_eig": 131.54,
+                "hessian_min_eig": -4.21,
+                "hessian_max_residual": 0.031,
+                "hessian_min_residual": 0.52,
+                "hessian_converged": False,
             },
             "sam+swa": {
                 "answer_loss": 2.1692,
                 "sharpness": 0.1724,
                 "task_accuracy": 0.04688,
-                "top_eigenvalue": 92.214,
+                "hessian_max_eig": 92.214,
+                "hessian_min_eig": 0.0312,
+                "hessian_max_residual": 0.0021,
+                "hessian_min_residual": 0.0009,
+                "hessian_converged": True,
             },
         },
+        "flatness": [
+            "sam+swa is flatter than adamw by ε-sharpness (0.172 vs 0.282) "
+            "and by the largest Hessian eigenvalue (92.2 vs 132).",
+            "The Hessian has a negative eigenvalue for adamw (≤ -4.21): those weights are not "
+            "at a minimum of the loss on this batch (a saddle point, or descent was still "
+            "possible).",
+        ],
     },
     "evaluate": {
         "generation": {
             "greedy": {"distinct_1": 0.2547, "mmd2": 0.2463, "validity_rate": 0.25},
         },
         "sharpness": {
-            "adamw": {"sharpness": 0.1685, "test_loss": 2.7265, "top_eigenvalue": 49.05},
-            "sam+swa": {"sharpness": 0.2533, "test_loss": 2.6518, "top_eigenvalue": 69.72},
+            "adamw": {
+                "sharpness": 0.1685,
+                "test_loss": 2.7265,
+                "hessian_max_eig": 49.05,
+                "hessian_min_eig": -1.3,
+                "hessian_converged": True,
+            },
+            "sam+swa": {
+                "sharpness": 0.2533,
+                "test_loss": 2.6518,
+                "hessian_max_eig": 69.72,
+                "hessian_min_eig": -0.8,
+                "hessian_converged": False,
+            },
         },
         "source_kl": {
             "storyworld": {
@@ -252,6 +279,40 @@ def test_evaluation_table_shows_test_bits_per_byte_and_kl_rate_with_ci():
     # the fine-tuning comparison marks the method that moved on; sharpness per method
     assert "2.169" in row(ev, "sam+swa (chosen)")
     assert cells(row(ev, "adamw"))[1] == "1.984"
+
+
+def test_flatness_rows_show_both_hessian_ends_and_the_stated_verdict():
+    ev = section(render_model_card(inputs()), "Evaluation")
+    # finetune's table: largest and smallest eigenvalue, and whether Lanczos converged
+    assert cells(row(ev, "adamw"))[4:] == ["131.5", "-4.21", "no"]
+    assert cells(row(ev, "sam+swa (chosen)"))[4:] == ["92.21", "0.0312", "yes"]
+    # evaluate's table on the test split
+    sharpness = ev.split("Sharpness of the fine-tuned weights", 1)[1]
+    assert cells(row(sharpness, "adamw"))[3:] == ["49.05", "-1.3", "yes"]
+    assert "| largest Hessian eigenvalue | smallest Hessian eigenvalue |" in sharpness
+    # what finetune said the numbers show, as it said it
+    assert (
+        "- sam+swa is flatter than adamw by ε-sharpness (0.172 vs 0.282) "
+        "and by the largest Hessian eigenvalue (92.2 vs 132)."
+    ) in ev
+    assert "- The Hessian has a negative eigenvalue for adamw (≤ -4.21): those weights" in ev
+
+
+def test_a_method_that_is_not_flatter_is_stated_as_such():
+    reports = json.loads(json.dumps(REPORTS))
+    reports["finetune"]["flatness"] = [
+        "sam+swa is NOT flatter than adamw by ε-sharpness (0.39 vs 0.15) "
+        "nor by the largest Hessian eigenvalue (386 vs 68).",
+    ]
+    ev = section(render_model_card(inputs(reports=reports)), "Evaluation")
+    assert (
+        "- sam+swa is NOT flatter than adamw by ε-sharpness (0.39 vs 0.15) "
+        "nor by the largest Hessian eigenvalue (386 vs 68)."
+    ) in ev
+    del reports["finetune"]["flatness"]  # a report from before the verdict existed
+    ev = section(render_model_card(inputs(reports=reports)), "Evaluation")
+    assert "What the flatness numbers show: not stated" in ev
+    assert "flatter" not in ev
 
 
 def test_failed_gate_check_is_shown_as_failed():

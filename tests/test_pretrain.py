@@ -17,10 +17,14 @@ import torch
 from conftest import REPO, cfg_for, prepared_project
 
 from pipeline import checkpoint as ckpt
+from pipeline.batches import eval_batches
 from pipeline.checkpoint import CheckpointError
 from pipeline.io_utils import tree_md5
 from pipeline.model import GPT
+from pipeline.seeding import derive_seed
+from pipeline.shards import load_split, read_meta
 from pipeline.stages import pretrain, synthesize, tokenizer, validate
+from pipeline.tokenizer import load_tokenizer
 
 TINY = [
     "model.n_layer=2",
@@ -96,6 +100,36 @@ def test_training_writes_model_report_and_curve(tokenized):
         "step_0000008",
         "step_0000012",
     ]
+
+
+def test_val_bits_per_byte_use_the_exact_bytes_of_the_scored_tokens(tokenized):
+    """val_bpb = summed nll / ln 2 / bytes of the val batches' targets, recomputed here."""
+    cfg = run_cfg(tokenized, "bpb", "pretrain.max_steps=4")
+    report = pretrain.run(cfg)
+    tok_dir = cfg.path("tokenizer")
+    eot, tok = read_meta(tok_dir)["eot_id"], load_tokenizer(tok_dir / "tokenizer.json")
+    gcfg, weights = ckpt.read_model_files(cfg.path("pretrain"))
+    model = GPT(gcfg)
+    model.load_state_dict(weights)
+    model.eval()
+    p = cfg.pretrain
+    seed = derive_seed(cfg.seed, "pretrain", "val")
+    batches = eval_batches(
+        load_split(tok_dir, "val"), seed, p.eval_batches, p.micro_batch_size, gcfg.block_size, 0, 1
+    )
+    nats, n_tokens, n_bytes = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            logp = torch.log_softmax(model(x)[0].double(), -1)  # (B, T, V)
+            nats -= logp.gather(2, y[..., None]).sum().item()
+            n_tokens += y.numel()
+            for i in y.reshape(-1).tolist():
+                if i != eot:  # the separator stands for no text
+                    piece = tok.decode([i])
+                    assert "\ufffd" not in piece  # story-world text is ASCII: exact bytes
+                    n_bytes += len(piece.encode("utf-8"))
+    assert report["val_loss"] == pytest.approx(nats / n_tokens, rel=1e-6)
+    assert report["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-6)
 
 
 def test_resume_after_a_crash_is_bit_identical(tokenized, monkeypatch):

@@ -19,10 +19,12 @@ from pipeline.shards import (
     MAGIC,
     ShardError,
     ShardWriter,
+    check_text_bytes,
     load_split,
     read_header,
     read_meta,
     read_shard,
+    text_bytes,
     token_dtype,
     write_meta,
 )
@@ -192,3 +194,16 @@ def test_meta_errors_name_the_file(tmp_path):
     with pytest.raises(ShardError, match=r"meta\.json: missing keys \['dtype'"):
         read_meta(tmp_path)
     assert issubclass(ShardError, LmforgeError) and issubclass(ShardError, ValueError)
+
+
+def test_text_bytes_sums_the_table_and_a_mismatch_names_the_shard(tmp_path):
+    table = np.array([0, 1, 2, 3, 4], dtype=np.int64)  # id 0 is the separator
+    path = write_shard(tmp_path / "val.bin", [3, 1, 0, 4, 4, 2, 0])
+    tokens = read_shard(path)
+    assert text_bytes(tokens, table) == 3 + 1 + 4 + 4 + 2  # = 14
+    assert text_bytes(tokens, table, chunk=2) == 14  # chunked reads add up the same
+    check_text_bytes(path, tokens, table, 14)
+    with pytest.raises(ShardError, match=r"val\.bin: its tokens stand for 14 bytes.*says 13"):
+        check_text_bytes(path, tokens, table, 13)
+    with pytest.raises(ShardError, match="token id 4 is outside the byte table of 4 ids"):
+        text_bytes(tokens, table[:4])

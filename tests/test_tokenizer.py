@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -10,13 +11,16 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import REPO, cfg_for, make_project
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from pipeline import metrics as M
 from pipeline.errors import LmforgeError
 from pipeline.io_utils import tree_md5
-from pipeline.shards import load_split, read_header, read_meta
+from pipeline.shards import load_split, read_header, read_meta, text_bytes
 from pipeline.stages import synthesize, validate
 from pipeline.stages import tokenizer as stage
 from pipeline.tokenizer import (
@@ -26,6 +30,7 @@ from pipeline.tokenizer import (
     decode,
     encode_docs,
     load_tokenizer,
+    token_byte_lengths,
     train_bpe,
 )
 
@@ -106,6 +111,66 @@ def test_bytes_per_token(tok):
     assert bytes_per_token(tok, texts) > 1.5
 
 
+def hand_tokenizer() -> Tokenizer:
+    """A byte-level BPE with a hand-written vocabulary, so every token's bytes are known.
+
+    Ids: 0 `<|endoftext|>` (special), 1..256 the byte symbols, then four merges: `Ã¯`
+    (the two UTF-8 bytes c3 af of "ï"), `Ġc`, `Ġca`, `Ġcat` (" cat", Ġ is the space).
+    """
+    vocab = {EOT: 0}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    merges = [("Ã", "¯"), ("Ġ", "c"), ("Ġc", "a"), ("Ġca", "t")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    t = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens([EOT])
+    return t
+
+
+def test_token_byte_lengths_hand_counted():
+    t = hand_tokenizer()
+    text = "naïve cat 🙂"
+    (ids,) = encode_docs(t, [text])
+    pieces = [t.id_to_token(i) for i in ids]
+    assert pieces == ["n", "a", "Ã¯", "v", "e", "Ġcat", "Ġ", "ð", "Ł", "Ļ", "Ĥ"]
+    # n a ï v e: 1 1 2 1 1; " cat": 4; " ": 1; the emoji U+1F642 is f0 9f 99 82, one byte
+    # per token (no merge joins them).
+    hand = [1, 1, 2, 1, 1, 4, 1, 1, 1, 1, 1]
+    table = token_byte_lengths(t)
+    assert table.shape == (t.get_vocab_size(),) and table.dtype == np.int64
+    assert table[ids].tolist() == hand
+    assert sum(hand) == len(text.encode("utf-8")) == 15
+    assert table[0] == 0  # the separator is not text
+    # Decoding one emoji byte alone gives U+FFFD (3 bytes): why the table is not built
+    # by decoding tokens one at a time.
+    assert len(t.decode([ids[-1]]).encode()) == 3
+
+
+def test_token_bytes_sum_to_the_text_bytes(tok):
+    table = token_byte_lengths(tok)
+    texts = [*corpus(60, seed=3), *EXOTIC, f"a literal {EOT} is text"]
+    for text, ids in zip(texts, encode_docs(tok, texts), strict=True):
+        assert int(table[ids].sum()) == len(text.encode("utf-8")), text
+
+
+def test_bits_per_byte_over_a_whole_stream(tok):
+    """bpb over the stream `EOT doc EOT doc EOT ...` = total nll / ln 2 / len(text.encode())."""
+    texts = [*corpus(20, seed=4), *EXOTIC]
+    stream = [0]
+    for ids in encode_docs(tok, texts):
+        stream += [*ids, 0]
+    targets = torch.tensor(stream[1:])  # (N,) every token after the first is scored
+    nll = torch.rand(len(targets), generator=torch.Generator().manual_seed(0)) * 5  # (N,)
+    n_bytes = int(M.target_bytes(targets, torch.from_numpy(token_byte_lengths(tok))))
+    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert n_bytes == total_bytes
+    got = M.lm_scores(nll, n_bytes)["bits_per_byte"]
+    assert got == pytest.approx(float(nll.double().sum()) / math.log(2) / total_bytes, rel=1e-12)
+
+
 def test_save_load_and_load_errors_name_the_file(tok, tmp_path):
     path = tmp_path / "tokenizer.json"
     path.write_text(tok.to_str())
@@ -163,6 +228,8 @@ def test_stage_writes_shards_that_match_meta(synthesized):
         assert int((tokens == meta["eot_id"]).sum()) == entry["docs"]
         assert tokens[-1] == meta["eot_id"]
         assert entry["bytes"] == sum(len(t.encode()) for t in texts[split])
+        # meta's `bytes` and the token->bytes table use one convention (separators: 0)
+        assert text_bytes(tokens, token_byte_lengths(tok)) == entry["bytes"]
         assert report["splits"][split]["tokens"] == entry["tokens"]
     val = load_split(out, "val")
     first_end = int(np.argmax(val == meta["eot_id"]))

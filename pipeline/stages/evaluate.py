@@ -4,13 +4,17 @@
     python -m pipeline.stages.evaluate --set evaluate.prompts=50
 
 Reports, into `reports/evaluate.json` (DVC metrics), `reports/evaluate.md` and MLflow:
-- held-out test split: cross-entropy, perplexity, bits per byte, loss by position;
+- held-out test split: cross-entropy, perplexity, bits per byte (over the exact bytes of
+  the scored tokens), loss by position;
 - against the true source: the KL rate in bits per byte with a confidence interval, on
   fresh story-world documents (and n-gram mimic documents when synthesize fitted one),
   from the source's exact log-probabilities: model bits/byte minus source entropy rate;
+  every document is scored whole, with sliding windows when it is longer than the
+  model's context (`multi_window_docs` counts those);
 - calibration on the test split: ECE with a reliability diagram, Brier score, entropy;
-- sharpness of each fine-tuning method's final weights (epsilon-sharpness, top Hessian
-  eigenvalue) on the same test batches;
+- sharpness of each fine-tuning method's final weights (epsilon-sharpness, the largest and
+  smallest Hessian eigenvalues by Lanczos) on the same test batches, with sentences saying
+  what they show;
 - decoding per strategy (greedy, beam, temperature, top-k, top-p): distinct-n, repetition,
   MMD and k-NN precision/recall against held-out text, and for story-world prompts the
   validity rate (the share of generations the grammar can produce: 1 - hallucination rate);
@@ -40,10 +44,11 @@ from pipeline.generate import DecodeConfig, generate
 from pipeline.io_utils import atomic_write_json, atomic_write_text
 from pipeline.model import GPT
 from pipeline.seeding import derive_seed
-from pipeline.shards import read_meta, read_shard
+from pipeline.shards import check_text_bytes, read_meta, read_shard
+from pipeline.sharpness import flatness_verdict
 from pipeline.stage_runner import stage_main
 from pipeline.task_data import evaluate_task, read_examples, tokenize
-from pipeline.tokenizer import decode, encode_docs, load_tokenizer
+from pipeline.tokenizer import decode, encode_docs, load_tokenizer, token_byte_lengths
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
@@ -59,11 +64,13 @@ def load_model(folder: Path, weights: Path | None = None) -> GPT:
 
 
 @torch.no_grad()
-def test_scores(model: GPT, tokens: np.ndarray, cfg: Config, bytes_per_token: float) -> dict:
+def test_scores(model: GPT, tokens: np.ndarray, cfg: Config, token_bytes: torch.Tensor) -> dict:
     """Cross-entropy, perplexity, bits/byte, loss by position and calibration on the test shard.
 
-    The shard is cut into consecutive windows of T+1 tokens; every token but the first of a
-    window is predicted from the window's earlier tokens.
+    The shard is cut into consecutive windows of T+1 tokens that overlap by one token; every
+    token but the first of a window is predicted from the window's earlier tokens, so each
+    token after the shard's first is scored exactly once. Bits per byte divides by the exact
+    bytes of the scored target tokens (`token_bytes`, (V,), separators 0), not an average.
     """
     T = model.config.block_size
     n = (len(tokens) - 1) // T
@@ -73,6 +80,7 @@ def test_scores(model: GPT, tokens: np.ndarray, cfg: Config, bytes_per_token: fl
         raise LmforgeError(f"test shard has {len(tokens)} tokens; need more than {T + 1}")
     calib = M.CalibrationAccumulator(cfg.evaluate.calibration_bins)
     nll_rows = []
+    n_bytes = torch.zeros((), dtype=torch.int64)
     for start in range(0, n, 16):
         idx = range(start, min(start + 16, n))
         window = np.stack([tokens[i * T : i * T + T + 1] for i in idx]).astype(np.int64)
@@ -81,37 +89,70 @@ def test_scores(model: GPT, tokens: np.ndarray, cfg: Config, bytes_per_token: fl
         logits, _ = model(x)  # (B, T, V)
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
         nll_rows.append(nll)  # (B, T)
+        n_bytes += M.target_bytes(y, token_bytes)
         calib.update(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
     nll = torch.cat(nll_rows)  # (n, T)
-    n_bytes = round(nll.numel() * bytes_per_token)
     return {
-        **M.lm_scores(nll.reshape(-1), n_bytes),
+        **M.lm_scores(nll.reshape(-1), int(n_bytes)),
         "loss_by_position": M.loss_by_position(nll),
         "calibration": calib.result(),
         "tokens_scored": nll.numel(),
     }
 
 
+def scoring_windows(n: int, T: int) -> list[tuple[int, int, int]]:
+    """The model calls that score a sequence of `n` tokens once each: (start, length, first).
+
+    A call feeds `seq[start : start + length]` and scores the targets of positions
+    `first .. length-1`, i.e. tokens `seq[start + first + 1 .. start + length]`. Token t
+    (1 <= t < n) is always predicted from its min(t, T) previous tokens, the most the
+    model can see:
+
+    - the first window feeds seq[:T] and scores tokens 1..T with all their history;
+    - every later token t > T gets a window of its own, seq[t-T : t], and only its last
+      position is scored (a stride of one token).
+
+    Why stride 1: it is the only choice that gives every token the full context, which is
+    the definition of the model's probability of a long document under a T-token window.
+    A stride S > 1 (e.g. T/2) would be S times cheaper but would predict some tokens from
+    as few as T-S of their previous tokens, i.e. score a weaker model than the one trained
+    and bias the KL rate upwards. The cost is one length-T call per token beyond the first
+    T, batched; at the default sizes story-world documents fit one window, and the report
+    counts the documents that did not (`multi_window_docs`).
+    """
+    if n < 2:
+        return []
+    first = (0, min(n - 1, T), 0)
+    return [first] + [(t - T, T, T - 1) for t in range(T + 1, n)]
+
+
 @torch.no_grad()
 def doc_bits(model: GPT, docs_ids: list[list[int]], eot: int, batch: int = 32) -> list[float]:
-    """Total -log2 Q(doc) of each document, its end-of-text included, given a preceding EOT."""
+    """Total -log2 Q(doc) of each whole document, its end-of-text included, given a preceding EOT.
+
+    Every token of `[EOT, *doc, EOT]` after the first is predicted exactly once, with
+    min(t, block_size) tokens of context (see `scoring_windows`), however long the document.
+    """
     T = model.config.block_size
-    out = []
-    for start in range(0, len(docs_ids), batch):
-        group = docs_ids[start : start + batch]
-        seqs = [[eot, *ids, eot][-(T + 1) :] for ids in group]  # long docs keep their end
-        length = max(len(s) for s in seqs)
-        x = torch.full((len(seqs), length - 1), eot, dtype=torch.long)
-        y = torch.full((len(seqs), length - 1), -1, dtype=torch.long)
-        for row, s in enumerate(seqs):
-            x[row, : len(s) - 1] = torch.tensor(s[:-1])
-            y[row, : len(s) - 1] = torch.tensor(s[1:])
+    seqs = [[eot, *ids, eot] for ids in docs_ids]
+    calls = [(d, w) for d, s in enumerate(seqs) for w in scoring_windows(len(s), T)]
+    totals = [0.0] * len(seqs)  # nats per document, summed in a fixed order
+    for start in range(0, len(calls), batch):
+        group = calls[start : start + batch]
+        length = max(w[1] for _, w in group)
+        x = torch.full((len(group), length), eot, dtype=torch.long)  # (B, L) padded inputs
+        y = torch.full((len(group), length), -1, dtype=torch.long)  # (B, L) -1: not scored
+        for row, (d, (s0, n, first)) in enumerate(group):
+            s = torch.tensor(seqs[d][s0 : s0 + n + 1])  # (n+1,) inputs and their next tokens
+            x[row, :n] = s[:-1]
+            y[row, first:n] = s[1 + first :]
         logits, _ = model(x)  # (B, L, V)
         nll = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), y, ignore_index=-1, reduction="none"
-        )  # (B, L)
-        out += (nll.sum(1) / LN2).tolist()
-    return out
+        )  # (B, L), 0 where not scored
+        for (d, _), value in zip(group, nll.to(torch.float64).sum(1).tolist(), strict=True):
+            totals[d] += value
+    return [v / LN2 for v in totals]
 
 
 def source_kl(model: GPT, tok, eot: int, cfg: Config) -> dict[str, Any]:
@@ -132,16 +173,26 @@ def source_kl(model: GPT, tok, eot: int, cfg: Config) -> dict[str, Any]:
         mimic = NGramModel.load(mimic_path)
         docs = mimic.generate(n, seed, cfg.synthesize.mimic.max_chars)
         sources["mimic"] = (docs, [-mimic.log_prob(d) / LN2 for d in docs])
+    T = model.config.block_size
     for name, (docs, source_bits) in sources.items():
-        model_bits = doc_bits(model, encode_docs(tok, docs), eot)
+        ids = encode_docs(tok, docs)
+        model_bits = doc_bits(model, ids, eot)
         n_bytes = [len(d.encode("utf-8")) for d in docs]
-        results[name] = M.kl_rate(model_bits, source_bits, n_bytes)
+        results[name] = {
+            **M.kl_rate(model_bits, source_bits, n_bytes),
+            # whole documents are scored: this many needed more than one model window
+            "multi_window_docs": sum(len(scoring_windows(len(d) + 2, T)) > 1 for d in ids),
+        }
     return results
 
 
-def sharpness_table(cfg: Config, test_tokens: np.ndarray) -> dict[str, dict[str, float]]:
-    """Epsilon-sharpness and top Hessian eigenvalue of each fine-tuning method's weights."""
-    from pipeline.sharpness import epsilon_sharpness, top_hessian_eigenvalue
+def sharpness_table(cfg: Config, test_tokens: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Epsilon-sharpness and the extreme Hessian eigenvalues of each fine-tuning method's weights.
+
+    Per method: `test_loss`, `sharpness`, `hessian_max_eig` / `hessian_min_eig` (largest and
+    smallest, by Lanczos: see pipeline/sharpness.py), their residuals and whether both converged.
+    """
+    from pipeline.sharpness import epsilon_sharpness, hessian_extreme_eigenvalues
 
     folder, f = cfg.path("finetune"), cfg.finetune
     methods = (
@@ -167,10 +218,14 @@ def sharpness_table(cfg: Config, test_tokens: np.ndarray) -> dict[str, dict[str,
     for method, path in weights.items():
         model = load_model(folder, path)
         sharp = epsilon_sharpness(model, loss_fn, f.sharpness_rho, f.sharpness_steps)
-        eig = top_hessian_eigenvalue(model, loss_fn, iters=f.hessian_iters)
+        eig = hessian_extreme_eigenvalues(model, loss_fn, iters=f.hessian_iters)
         table[method] = {
             "sharpness": sharp["sharpness"],
-            "top_eigenvalue": eig["eigenvalue"],
+            "hessian_max_eig": eig["max"],
+            "hessian_min_eig": eig["min"],
+            "hessian_max_residual": eig["max_residual"],
+            "hessian_min_residual": eig["min_residual"],
+            "hessian_converged": eig["max_converged"] and eig["min_converged"],
             "test_loss": sharp["base_loss"],
         }
     return table
@@ -270,25 +325,33 @@ def markdown(report: dict[str, Any], gens: dict[str, list[str]], k: int) -> str:
         "",
         "## KL rate to the true source",
         "",
-        "| source | model bits/byte | source entropy bits/byte | KL bits/byte | 95% CI |",
-        "|---|---|---|---|---|",
+        "Whole documents are scored, each token once with up to the model's full context;",
+        "the last column counts the documents longer than one context window.",
+        "",
+        "| source | model bits/byte | source entropy bits/byte | KL bits/byte | 95% CI "
+        "| docs | docs over one window |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in report["source_kl"].items():
         lines.append(
             f"| {name} | {r['model_bits_per_byte']:.4f} | {r['source_bits_per_byte']:.4f}"
-            f" | {r['kl_bits_per_byte']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}] |"
+            f" | {r['kl_bits_per_byte']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+            f" | {r['num_docs']} | {r['multi_window_docs']} |"
         )
     lines += [
         "",
         "## Sharpness of the fine-tuned weights",
         "",
-        "| method | test loss | epsilon-sharpness | top Hessian eigenvalue |",
-        "|---|---|---|---|",
+        "| method | test loss | epsilon-sharpness | largest Hessian eig. "
+        "| smallest Hessian eig. | converged |",
+        "|---|---|---|---|---|---|",
     ]
     for m, r in report["sharpness"].items():
         lines.append(
-            f"| {m} | {r['test_loss']:.4f} | {r['sharpness']:.4g} | {r['top_eigenvalue']:.4g} |"
+            f"| {m} | {r['test_loss']:.4f} | {r['sharpness']:.4g} | {r['hessian_max_eig']:.4g}"
+            f" | {r['hessian_min_eig']:.4g} | {'yes' if r['hessian_converged'] else 'no'} |"
         )
+    lines += ["", *(f"- {s}" for s in report.get("flatness", []))]
     cols = list(next(iter(report["generation"].values())))
     lines += [
         "",
@@ -319,15 +382,19 @@ def run(cfg: Config) -> dict[str, Any]:
     meta, tok = read_meta(tok_dir), load_tokenizer(tok_dir / "tokenizer.json")
     eot, test_meta = meta["eot_id"], meta["splits"]["test"]
     test_tokens = read_shard(tok_dir / test_meta["file"], test_meta)
+    token_bytes = token_byte_lengths(tok)  # (V,) exact bytes per id, separators 0
+    check_text_bytes(tok_dir / test_meta["file"], test_tokens, token_bytes, test_meta["bytes"])
     model = load_model(cfg.path("finetune"))
     with start_run(cfg, STAGE) as tracker:
         tracker.log_params({"seed": cfg.seed, STAGE: dataclasses.asdict(cfg.evaluate)})
         report: dict[str, Any] = {
-            "test": test_scores(model, test_tokens, cfg, test_meta["bytes"] / test_meta["tokens"]),
+            "test": test_scores(model, test_tokens, cfg, torch.from_numpy(token_bytes)),
             "source_kl": source_kl(model, tok, eot, cfg),
             "sharpness": sharpness_table(cfg, test_tokens),
             "task_accuracy": task_accuracy(model, tok, eot, cfg),
         }
+        # What the numbers show, "NOT flatter" included: the same sentences finetune writes.
+        report["flatness"] = flatness_verdict(report["sharpness"])
         prompts, refs = prompts_and_references(cfg)
         gens = decode_all(model, tok, eot, prompts, cfg)
         report["generation"] = generation_quality(gens, refs, cfg)

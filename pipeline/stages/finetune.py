@@ -14,7 +14,10 @@ Methods (`finetune.method`):
 With `finetune.compare: true` every method starts from the same checkpoint and sees the
 same batches in the same order (batches are a function of the step); `reports/finetune.json`,
 `reports/finetune.md` and a plot compare held-out answer loss, task accuracy (greedy exact
-match) and sharpness (epsilon-sharpness and the top Hessian eigenvalue). The model of
+match) and flatness: epsilon-sharpness and the largest and smallest Hessian eigenvalues
+(Lanczos, with residuals; a negative smallest one means the weights are not at a minimum),
+followed by sentences generated from those numbers that say whether each method is flatter
+than adamw, or NOT, by each measure (`flatness` in the JSON). The model of
 `finetune.method` moves on, in `paths.finetune/model.safetensors`; with compare, every
 method's weights are kept in `paths.finetune/methods/<method>/` for evaluation.
 """
@@ -195,9 +198,19 @@ def train_method(
     return model
 
 
-def measure(model: GPT, data: Data, cfg: Config) -> dict[str, float]:
-    """Held-out answer loss, task accuracy, and the sharpness of the final weights."""
-    from pipeline.sharpness import epsilon_sharpness, top_hessian_eigenvalue
+# The per-method numbers of the comparison that the bar chart shows (residuals and the
+# convergence flag are in the JSON and the table, not worth a panel each).
+PLOTTED = ("answer_loss", "task_accuracy", "sharpness", "hessian_max_eig", "hessian_min_eig")
+
+
+def measure(model: GPT, data: Data, cfg: Config) -> dict[str, Any]:
+    """Held-out answer loss, task accuracy, and the flatness of the final weights.
+
+    Flatness on the fixed held-out batch: epsilon-sharpness, and the largest and smallest
+    Hessian eigenvalues by Lanczos (`finetune.hessian_iters` Hessian-vector products for
+    each), with their residuals ||Hv - lambda v|| / ||v|| and whether both converged.
+    """
+    from pipeline.sharpness import epsilon_sharpness, hessian_extreme_eigenvalues
 
     f = cfg.finetune
     x, y = data.eval_batch
@@ -206,31 +219,45 @@ def measure(model: GPT, data: Data, cfg: Config) -> dict[str, float]:
         return m(x, y)[1]
 
     sharp = epsilon_sharpness(model, loss_fn, f.sharpness_rho, f.sharpness_steps)
-    eig = top_hessian_eigenvalue(model, loss_fn, iters=f.hessian_iters)
+    eig = hessian_extreme_eigenvalues(model, loss_fn, iters=f.hessian_iters)
     return {
         **data.score(model),
         "sharpness": sharp["sharpness"],
-        "top_eigenvalue": eig["eigenvalue"],
+        "hessian_max_eig": eig["max"],
+        "hessian_min_eig": eig["min"],
+        "hessian_max_residual": eig["max_residual"],
+        "hessian_min_residual": eig["min_residual"],
+        "hessian_converged": eig["max_converged"] and eig["min_converged"],
     }
 
 
-def comparison_markdown(results: dict[str, dict[str, float]], chosen: str) -> str:
+def comparison_markdown(results: dict[str, dict[str, Any]], chosen: str) -> str:
+    """The comparison table, then what its numbers show (`flatness_verdict`), as bullets."""
+    from pipeline.sharpness import flatness_verdict
+
     lines = [
-        "| method | held-out answer loss | task accuracy | epsilon-sharpness | top Hessian eig. |",
-        "|---|---|---|---|---|",
+        "| method | held-out answer loss | task accuracy | epsilon-sharpness "
+        "| largest Hessian eig. | smallest Hessian eig. | Lanczos residuals (largest, smallest) "
+        "| converged |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m, r in results.items():
         mark = " (moves on)" if m == chosen else ""
         lines.append(
             f"| {m}{mark} | {r['answer_loss']:.4f} | {r['task_accuracy']:.3f} | "
-            f"{r['sharpness']:.4g} | {r['top_eigenvalue']:.4g} |"
+            f"{r['sharpness']:.4g} | {r['hessian_max_eig']:.4g} | {r['hessian_min_eig']:.4g} | "
+            f"{r['hessian_max_residual']:.2g}, {r['hessian_min_residual']:.2g} | "
+            f"{'yes' if r['hessian_converged'] else 'no'} |"
         )
+    lines += ["", "What the numbers show (lower is flatter):", ""]
+    lines += [f"- {sentence}" for sentence in flatness_verdict(results)]
     return "\n".join(lines) + "\n"
 
 
 def run(cfg: Config) -> dict[str, Any]:
     """Fine-tune with the configured method (and the others when comparing)."""
     from pipeline.plots import bar_chart_png
+    from pipeline.sharpness import flatness_verdict
     from pipeline.tracking import start_run
 
     f, device = cfg.finetune, torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -254,14 +281,17 @@ def run(cfg: Config) -> dict[str, Any]:
                     )
             atomic_write_json(out / "model_config.json", dataclasses.asdict(gcfg))
             save_resolved(cfg, out)
-            report = {"method": f.method, "compare": f.compare, "methods": results}
-            atomic_write_json(cfg.path("reports") / f"{STAGE}.json", report)
-            table = comparison_markdown(results, f.method)
-            atomic_write_text(cfg.path("reports") / f"{STAGE}.md", table)
+        # Reports last, once the weights they describe are in place.
+        report = {"method": f.method, "compare": f.compare, "methods": results}
+        report["flatness"] = flatness_verdict(results)  # the sentences finetune.md ends with
+        table = comparison_markdown(results, f.method)
+        atomic_write_text(cfg.path("reports") / f"{STAGE}.md", table)
+        atomic_write_json(cfg.path("reports") / f"{STAGE}.json", report)
         for method, r in results.items():
             tracker.log_metrics({f"{method}.{k}": v for k, v in r.items()})
         tracker.log_artifact(cfg.path("reports") / f"{STAGE}.md")
-        png = bar_chart_png(results, cfg.path("reports") / "plots" / "finetune_compare.png")
+        plotted = {m: {k: r[k] for k in PLOTTED} for m, r in results.items()}
+        png = bar_chart_png(plotted, cfg.path("reports") / "plots" / "finetune_compare.png")
         if png:
             tracker.log_artifact(png, "plots")
     return report

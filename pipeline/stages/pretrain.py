@@ -1,6 +1,6 @@
 """Stage `pretrain`: GPT pretraining on the token shards, one code path for every layout.
 
-    dvc repro pretrain     # torchrun --standalone --nproc_per_node=<n> -m pipeline.stages.pretrain
+    dvc repro pretrain     # python -m pipeline.launch (torchrun) ... -m pipeline.stages.pretrain
     python -m pipeline.stages.pretrain --set pretrain.max_steps=50   # one process, no torchrun
     torchrun --standalone --nproc_per_node=2 -m pipeline.stages.pretrain \
         --set pretrain.strategy=fsdp
@@ -14,6 +14,10 @@ CUDA, fp32 on CPU, optional torch.compile.
 Outputs: `paths.pretrain/` (`model.safetensors`, `model_config.json`, `config.yaml`),
 checkpoints in `paths.checkpoints/` (resume continues the same trajectory, bit-identical
 on CPU), `reports/pretrain.json` and the loss curve `reports/plots/pretrain_loss.json`.
+A checkpoint is resumed only by a run with the same training digest: the train/val
+shards, the tokenizer, the seed, model and trajectory-shaping pretrain params, the world
+size and the device (`digest_inputs`); any other run trains from step 0. `val_bpb` is the
+val loss over the exact UTF-8 bytes of the scored tokens (the tokenizer's byte table).
 SIGTERM saves a checkpoint and exits with code 143; a NaN/inf loss stops with an error
 naming the step and keeps the last good checkpoint.
 
@@ -38,10 +42,11 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as dist_utils
-from pipeline.batches import BatchStream, eval_batches
+from pipeline import metrics as M
+from pipeline.batches import BatchStream, check_shard, eval_batches
 from pipeline.config import Config
 from pipeline.errors import LmforgeError
-from pipeline.io_utils import atomic_dir, atomic_write_json
+from pipeline.io_utils import atomic_dir, atomic_write_json, file_md5
 from pipeline.model import (
     GPT,
     GPTConfig,
@@ -53,8 +58,9 @@ from pipeline.model import (
 from pipeline.plots import loss_curve_png
 from pipeline.progress import Progress
 from pipeline.seeding import derive_seed
-from pipeline.shards import read_meta, read_shard
+from pipeline.shards import check_text_bytes, read_meta, read_shard
 from pipeline.stage_runner import stage_main
+from pipeline.tokenizer import load_tokenizer, token_byte_lengths
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
@@ -91,11 +97,56 @@ def grad_accum_steps(cfg: Config, world: int) -> int:
     return p.tokens_per_step // per_micro
 
 
-def training_digest(cfg: Config) -> str:
-    """Digest of everything that shapes the trajectory; a checkpoint resumes only if equal."""
-    keys = {"seed": cfg.seed, "model": cfg.model, "pretrain": cfg.pretrain, "tok": cfg.tokenizer}
-    blob = json.dumps({k: getattr(v, "__dict__", v) for k, v in keys.items()}, default=str)
-    blob = blob.replace('"resume": true', "").replace('"resume": false', "")
+# Pretrain params that do not change the trajectory (weights, optimizer state, losses):
+# how often to log, evaluate or checkpoint, how many checkpoints to keep, whether to
+# resume, and the process count asked of torchrun (the real world size is hashed
+# instead). Evaluation does not touch the trajectory: it runs without dropout and draws
+# its batches from a numpy generator of its own, never from torch's RNG. A checkpoint made
+# under other values of these resumes fine, and the final evaluation is always redone with
+# this run's `eval_batches` (see `fit`). `device` is replaced by the device actually used.
+NOT_TRAJECTORY = frozenset(
+    {
+        "resume",
+        "log_interval",
+        "eval_interval",
+        "eval_batches",
+        "checkpoint_interval",
+        "keep_checkpoints",
+        "nproc_per_node",
+        "device",
+    }
+)
+
+
+def data_digests(tok_dir: Path, meta: dict[str, Any]) -> dict[str, str]:
+    """md5 of the train and val shards (as meta.json records them) and of tokenizer.json."""
+    return {
+        "train_shard_md5": meta["splits"]["train"]["md5"],
+        "val_shard_md5": meta["splits"]["val"]["md5"],
+        "tokenizer_md5": file_md5(tok_dir / "tokenizer.json"),
+    }
+
+
+def digest_inputs(
+    cfg: Config, data: dict[str, str], world_size: int, device: str
+) -> dict[str, Any]:
+    """Everything that shapes the trajectory, flat (`pretrain.lr`, `data.train_shard_md5`).
+
+    The seed, every model param, the pretrain params but `NOT_TRAJECTORY` (max_steps is in:
+    the cosine schedule depends on it), the data (`data_digests`: a change of
+    `synthesize.synthetic_share` changes the train shard), the world size and the device.
+    """
+    pretrain = {
+        k: v for k, v in dataclasses.asdict(cfg.pretrain).items() if k not in NOT_TRAJECTORY
+    }
+    groups = {"model": dataclasses.asdict(cfg.model), "pretrain": pretrain, "data": data}
+    flat: dict[str, Any] = {f"{g}.{k}": v for g, d in groups.items() for k, v in d.items()}
+    return {"seed": cfg.seed, **flat, "world_size": world_size, "device": device}
+
+
+def training_digest(inputs: dict[str, Any]) -> str:
+    """Digest of `digest_inputs`; a checkpoint is loaded only by a run with the same one."""
+    blob = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -110,9 +161,11 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     stream: BatchStream
     val_tokens: Any
-    tokens_per_byte: float
+    token_bytes: torch.Tensor  # (V,) int64 UTF-8 bytes per token id, on the device
     accum: int
     history: list[dict[str, float]]
+    digest_inputs: dict[str, Any]
+    digest: str  # training_digest(digest_inputs)
     start_step: int = 0
     stop_requested: bool = False
 
@@ -148,11 +201,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean val loss (nats/token) and bits per byte over the fixed val batches."""
+        """Val loss (nats/token) and bits per byte over the fixed val batches.
+
+        Bits per byte is the summed loss over ln 2 and over the exact bytes of the target
+        tokens (`token_bytes`; separators count 0), summed over every batch and process.
+        """
         self.model.eval()
         p, m = self.cfg.pretrain, self.cfg.model
         seed = derive_seed(self.cfg.seed, STAGE, "val")
-        total = torch.zeros(2, device=self.info.device)  # (sum of losses, batches)
+        dev = self.info.device
+        # (sum of token losses in nats, tokens, bytes of the targets): float64 sums are
+        # exact for the byte and token counts and keep the loss sum stable.
+        total = torch.zeros(3, dtype=torch.float64, device=dev)
         for x, y in eval_batches(
             self.val_tokens,
             seed,
@@ -162,13 +222,28 @@ class Trainer:
             self.info.rank,
             self.info.world_size,
         ):
+            x, y = x.to(dev), y.to(dev)  # (B, T) each
             with self.autocast():
-                _, loss = self.model(x.to(self.info.device), y.to(self.info.device))
-            total += torch.stack([loss.float(), torch.ones((), device=self.info.device)])
-        total = dist_utils.all_reduce_mean(total)
+                logits, _ = self.model(x)  # (B, T, V) float32
+            nll = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), y, reduction="none"
+            )  # (B, T)
+            total += torch.stack(
+                [
+                    nll.double().sum(),
+                    torch.tensor(float(y.numel()), dtype=torch.float64, device=dev),
+                    M.target_bytes(y, self.token_bytes).double(),
+                ]
+            )
+        total = dist_utils.all_reduce_mean(total)  # the ratios are what matter
         self.model.train()
-        val_loss = (total[0] / total[1]).item()
-        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * self.tokens_per_byte}
+        nats, tokens, n_bytes = total.tolist()
+        if n_bytes <= 0:
+            raise LmforgeError(
+                "pretrain: the val batches hold only separator tokens (0 bytes of text); "
+                "raise pretrain.eval_batches or check the val split"
+            )
+        return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / n_bytes}
 
     def checkpoint(self, step: int) -> Path:
         state = ckpt.TrainState(
@@ -176,7 +251,8 @@ class Trainer:
             scheduler={"kind": "warmup_cosine", "last_step": step - 1},
             rng=ckpt.rng_state(),
             history=self.history,
-            config_digest=training_digest(self.cfg),
+            config_digest=self.digest,
+            digest_inputs=self.digest_inputs,
         )
         return ckpt.save(
             self.cfg.path("checkpoints"),
@@ -196,6 +272,10 @@ def build(cfg: Config, info: dist_utils.DistInfo) -> Trainer:
     train = read_shard(tok_dir / meta["splits"]["train"]["file"], meta["splits"]["train"])
     val = read_shard(tok_dir / meta["splits"]["val"]["file"], meta["splits"]["val"])
     val_meta = meta["splits"]["val"]
+    token_bytes = token_byte_lengths(load_tokenizer(tok_dir / "tokenizer.json"))  # (V,)
+    check_text_bytes(tok_dir / val_meta["file"], val, token_bytes, val_meta["bytes"])
+    check_shard(val, cfg.model.block_size, str(tok_dir / val_meta["file"]))  # fail before training
+    inputs = digest_inputs(cfg, data_digests(tok_dir, meta), info.world_size, info.device.type)
     gcfg = GPTConfig.from_params(cfg.model, meta["vocab_size"])
     torch.manual_seed(derive_seed(cfg.seed, STAGE, "init") % 2**63)
     raw = GPT(gcfg).to(info.device)
@@ -215,6 +295,7 @@ def build(cfg: Config, info: dist_utils.DistInfo) -> Trainer:
         rank=info.rank,
         world=info.world_size,
         device=info.device,
+        name=str(tok_dir / meta["splits"]["train"]["file"]),
     )
     trainer = Trainer(
         cfg,
@@ -224,9 +305,11 @@ def build(cfg: Config, info: dist_utils.DistInfo) -> Trainer:
         optimizer,
         stream,
         val,
-        tokens_per_byte=val_meta["tokens"] / max(val_meta["bytes"], 1),
+        token_bytes=torch.from_numpy(token_bytes).to(info.device),
         accum=accum,
         history=[],
+        digest_inputs=inputs,
+        digest=training_digest(inputs),
     )
     torch.manual_seed(derive_seed(cfg.seed, STAGE, "dropout") % 2**63)
     resume_from(trainer)  # restores the RNG too, so dropout masks continue where they were
@@ -236,19 +319,46 @@ def build(cfg: Config, info: dist_utils.DistInfo) -> Trainer:
 
 
 def resume_from(trainer: Trainer) -> None:
-    """Continue from the newest checkpoint whose config digest matches this run's."""
+    """Continue from the newest checkpoint made under this run's training digest.
+
+    A checkpoint made under another digest (other data, tokenizer, config, world size or
+    device) is never loaded, whatever its step: it belongs to another trajectory. Each one
+    skipped is logged with both digests and the inputs that differ.
+    """
     cfg = trainer.cfg
     found = ckpt.list_checkpoints(cfg.path("checkpoints")) if cfg.pretrain.resume else []
-    if not found:
-        return
-    latest = found[-1]
-    digest = ckpt.read_state(latest).config_digest
-    if digest != training_digest(cfg):
-        log.warning("pretrain: %s was made with another config; starting fresh", latest)
-        return
-    state = ckpt.load(latest, trainer.model, trainer.optimizer)
-    trainer.start_step, trainer.history = state.step, state.history
-    log.info("pretrain: resumed from %s at step %d", latest, state.step)
+    for path in reversed(found):  # newest first
+        state = ckpt.read_state(path)
+        if state.config_digest == trainer.digest:
+            state = ckpt.load(path, trainer.model, trainer.optimizer)
+            trainer.start_step, trainer.history = state.step, state.history
+            log.info(
+                "pretrain: resumed from %s at step %d (training digest %s)",
+                path,
+                state.step,
+                trainer.digest,
+            )
+            return
+        log.warning(
+            "pretrain: not resuming from %s: it was made under training digest %s, this "
+            "run's is %s (%s)",
+            path,
+            state.config_digest,
+            trainer.digest,
+            _differences(state.digest_inputs, trainer.digest_inputs),
+        )
+    if found:
+        log.warning(
+            "pretrain: no checkpoint has training digest %s; training from step 0", trainer.digest
+        )
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """`key: old -> new` for the digest inputs that differ (old checkpoints lack them)."""
+    if not old:
+        return "the checkpoint does not record its digest inputs"
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return "differs in " + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
 def fit(t: Trainer, tracker) -> dict[str, Any]:
@@ -301,6 +411,12 @@ def fit(t: Trainer, tracker) -> dict[str, Any]:
                 f"{cfg.path('checkpoints')}/step_{done:07d}. Run the stage again to resume."
             )
     progress.close()
+    if t.start_step >= p.max_steps:
+        # Resumed a finished trajectory: the weights are final, but the evaluation in the
+        # history may have used other `eval_batches` (not part of the digest): redo it.
+        ev = t.evaluate()
+        t.history[-1].update(ev)
+        tracker.log_metrics(ev, step=p.max_steps)
     # Wall time is a property of this run, not of the outputs: MLflow gets it, the DVC
     # metrics file (which must be identical when the run is reproduced) does not.
     wall = time.perf_counter() - t_start
