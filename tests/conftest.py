@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,19 @@ def prepared_project(base: Path, overrides: list[str], stages: list) -> Path:
     for stage in stages:
         stage.run(cfg)
     return root
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """One temporary Prefect server for the whole session (~15-20 s to start on 2 cores).
+
+    Yields its API URL. Session-scoped because each harness start costs that much, and the
+    flow, sweep, deployment and orchestration tests can share one server.
+    """
+    from prefect.settings import get_current_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
+        with prefect_test_harness(server_startup_timeout=120):
+            yield str(get_current_settings().api.url)

@@ -1,10 +1,10 @@
 """Prefect deployments of `lm-pipeline`: prefect.yaml, `deploy_all`, a process worker, `serve`.
 
 The fast tests read prefect.yaml and check the schedule validation. The slow ones run against
-a real temporary Prefect server (`prefect_test_harness`, one per module): they register the
-deployments from a throwaway copy of the repository, trigger `lm-pipeline/on-demand` and let
-`prefect worker start --run-once` execute the whole pipeline there on a tiny config, and serve
-the flow with a cron schedule.
+a real temporary Prefect server (`prefect_test_harness`, one per test session, in
+conftest.py): they register the deployments from a throwaway copy of the repository,
+trigger `lm-pipeline/on-demand` and let `prefect worker start --run-once` execute the whole
+pipeline there on a tiny config, and serve the flow with a cron schedule.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -181,18 +180,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _git(root, "add", "-A")
     _git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     return root
-
-
-@pytest.fixture(scope="module")
-def prefect_api() -> Iterator[str]:
-    """A temporary Prefect server (~15-20 s to start on 2 cores); yields its API URL."""
-    from prefect.settings import get_current_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
-        with prefect_test_harness(server_startup_timeout=120):
-            yield str(get_current_settings().api.url)
 
 
 @pytest.fixture(scope="module")

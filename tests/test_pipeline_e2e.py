@@ -48,14 +48,6 @@ def repo_copy(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
     env_bin = str(Path(sys.executable).parent)
     return subprocess.run(

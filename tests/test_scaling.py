@@ -233,14 +233,6 @@ TINY_SWEEP = [
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     """A project with validated, synthesized and tokenized story-world data (built once)."""
     from pipeline.stages import synthesize, tokenizer, validate
