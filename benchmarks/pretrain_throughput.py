@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.model import GPT, PRESETS, GPTConfig, configure_optimizer, mfu, peak_flops  # noqa: E402
-from pipeline.shards import ShardWriter, token_dtype, write_meta  # noqa: E402
+from pipeline.model.gpt import GPT, PRESETS, GPTConfig, configure_optimizer, mfu, peak_flops  # noqa: E402
 from pipeline.stages import pretrain  # noqa: E402
+from pipeline.text.shards import ShardWriter, token_dtype, write_meta  # noqa: E402
 
 
 def make_shards(folder: Path, vocab: int, tokens: int, seed: int = 0) -> None:
@@ -130,7 +130,7 @@ def stage_loop(args, gcfg: GPTConfig, root: Path) -> float:
 
 def pretrain_rows(root: Path) -> list[dict]:
     """Per-step rows (with tokens/s) from the newest checkpoint's history."""
-    from pipeline.checkpoint import list_checkpoints, read_state
+    from pipeline.train.checkpoint import list_checkpoints, read_state
 
     return read_state(list_checkpoints(root / "ckpt")[-1]).history
 

@@ -80,7 +80,7 @@ def make_corpus(path: Path, size_mb: float, seed: int = 0) -> tuple[int, int]:
 def train_on_prefix(corpus: Path, out: Path, train_mb: float, vocab_size: int) -> float:
     """Train a BPE on the corpus's first `train_mb` MB (the stage's reader); return seconds."""
     from pipeline.stages.tokenizer import iter_texts
-    from pipeline.tokenizer import EOT, train_bpe
+    from pipeline.text.tokenizer import EOT, train_bpe
 
     budget = [train_mb * 1e6]
 
@@ -100,7 +100,7 @@ def train_on_prefix(corpus: Path, out: Path, train_mb: float, vocab_size: int) -
 def child(mode: str, corpus: Path, tok_path: Path, shard: Path, batch_docs: int) -> None:
     """Run one encode pass in this (child) process and print its figures as JSON."""
     from pipeline.stages.tokenizer import encode_split, iter_text_batches
-    from pipeline.tokenizer import encode_docs, load_tokenizer
+    from pipeline.text.tokenizer import encode_docs, load_tokenizer
 
     tok = load_tokenizer(tok_path)
     t0 = time.perf_counter()

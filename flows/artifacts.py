@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.markdown import cell, escape_cell, fmt
+from pipeline.core.markdown import cell, escape_cell, fmt
 
 MAX_CELL = 80
 

@@ -36,7 +36,7 @@ from prefect.schedules import Cron, Schedule
 from pydantic import ValidationError
 
 from pipeline.config import load_config
-from pipeline.errors import LmforgeError
+from pipeline.core.errors import LmforgeError
 
 FLOW_NAME = "lm-pipeline"
 ENTRYPOINT = "flows/pipeline_flow.py:lm_pipeline"

@@ -25,7 +25,7 @@ A run, in order:
 
 How the flow learns a stage's exit code: `dvc repro` exits 255 whatever the stage returned,
 and prints "failed to run: <cmd>, exited with <code>" (negative: killed by that signal).
-The pretrain stage runs under `pipeline.launch`, which maps torchrun's generic 1 back to the
+The pretrain stage runs under `pipeline.ops.launch`, which maps torchrun's generic 1 back to the
 worker's code and also writes it to `.lmforge/exit/pretrain.json`; that record is read
 first, because a SIGTERM to the whole process group kills DVC itself before it can print
 anything (`stage_exit_code`).
@@ -48,18 +48,18 @@ from prefect.runtime import flow_run
 from flows import artifacts
 from flows.streaming import stream_command
 from pipeline.config import load_config
-from pipeline.errors import EXIT_TRANSIENT, is_transient
-from pipeline.launch import describe_status, exit_record_path, read_exit_record, shell_status
-from pipeline.params_file import apply_to_params
-from pipeline.stages import STAGES
-from pipeline.tracking import (
+from pipeline.config.params_file import apply_to_params
+from pipeline.core.errors import EXIT_TRANSIENT, is_transient
+from pipeline.ops.launch import describe_status, exit_record_path, read_exit_record, shell_status
+from pipeline.ops.tracking import (
     DVC_EXP_ENV,
     FLOW_RUN_ENV,
     PARENT_RUN_ENV,
     close_run,
     open_parent_run,
 )
-from pipeline.workspace_lock import workspace_lock
+from pipeline.ops.workspace_lock import workspace_lock
+from pipeline.stages import STAGES
 
 # The figures shown per stage in the run summary: (label, path into reports/<stage>.json).
 KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {

@@ -9,7 +9,7 @@ task pretrains a model in a process of its own (`python -m pipeline.stages.pretr
 `models/sweep/<point>/` and `reports/sweep/<point>/`, so the main pipeline's DVC outputs are
 never touched. Each point is a child MLflow run of the parent run "scaling-sweep" (through
 `LMFORGE_PARENT_RUN_ID`). Then L(N, D) = E + A/N^alpha + B/D^beta is fitted to the final
-validation bits per byte (pipeline/scaling.py), compared with the source's entropy rate,
+validation bits per byte (pipeline/sweep/scaling.py), compared with the source's entropy rate,
 and written to `reports/sweep/scaling.{json,md,png}`, the parent run and a Prefect artifact.
 
 The sweep reads the tokenizer's shards and never builds them: `dvc repro` follows
@@ -33,11 +33,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.streaming import stream_command
-from pipeline import scaling
 from pipeline.config import Config, load_config
-from pipeline.io_utils import atomic_write_json, atomic_write_text
-from pipeline.scaling import SweepError, SweepPoint
-from pipeline.tracking import (
+from pipeline.core.io import atomic_write_json, atomic_write_text
+from pipeline.ops.tracking import (
     FLOW_RUN_ENV,
     PARENT_RUN_ENV,
     Tracker,
@@ -45,6 +43,8 @@ from pipeline.tracking import (
     open_parent_run,
     tracking_uri,
 )
+from pipeline.sweep import scaling
+from pipeline.sweep.scaling import SweepError, SweepPoint
 
 FIT_METRICS = ("E", "A", "alpha", "B", "beta", "rmse", "r2")
 # Per-run facts kept out of scaling.json, so that a re-run on CPU writes the same file.
@@ -69,7 +69,7 @@ def point_env(parent_run_id: str | None) -> dict[str, str]:
     """Environment of a point's process: it joins the parent MLflow run and the flow run,
     and imports the same `pipeline` package as this process (the root may be elsewhere)."""
     env = dict(os.environ)
-    code_root = str(Path(scaling.__file__).resolve().parents[1])
+    code_root = str(Path(scaling.__file__).resolve().parents[2])  # pipeline/sweep/scaling.py
     env["PYTHONPATH"] = os.pathsep.join(p for p in (code_root, env.get("PYTHONPATH")) if p)
     env[FLOW_RUN_ENV] = str(flow_run.get_id() or "")
     env.pop(PARENT_RUN_ENV, None)  # never join a parent inherited from an outer run

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config, load_config
-from pipeline.params_file import apply_to_params
+from pipeline.config.params_file import apply_to_params
 
 REPO = Path(__file__).resolve().parents[1]
 

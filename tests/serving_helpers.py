@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline import checkpoint as ckpt
-from pipeline.model import GPT, GPTConfig, padded_vocab
-from pipeline.textgen import DEFAULTS_FILE, EOT, GenerationParams
-from pipeline.tokenizer import train_bpe
+from pipeline.model.gpt import GPT, GPTConfig, padded_vocab
+from pipeline.serve.textgen import DEFAULTS_FILE, EOT, GenerationParams
+from pipeline.text.tokenizer import train_bpe
+from pipeline.train import checkpoint as ckpt
 
 BIN = Path(sys.executable).parent  # the venv's bin: `mlflow`, and the `uvicorn` it starts
 START_TIMEOUT_S = 120.0  # a cold `mlflow server` runs its migrations first (~2-7 s on 2 cores)
@@ -144,7 +144,7 @@ TINY_TEXTS = [
 
 
 def tiny_package(dest: Path, defaults: dict[str, Any] | None = None) -> Path:
-    """A model package (pipeline/textgen.py) with a random tiny GPT: no pipeline run needed.
+    """A model package (pipeline/serve/textgen.py) with a random tiny GPT: no pipeline run needed.
 
     block_size 32, so max_new_tokens > 32 is out of this model's range.
     """

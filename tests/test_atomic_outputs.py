@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import cfg_for, prepared_project
 
-from pipeline.io_utils import atomic_dir, remove_stale_temporaries, tree_md5
+from pipeline.core.io import atomic_dir, remove_stale_temporaries, tree_md5
 from pipeline.stages import pretrain, synthesize, tokenizer, validate
 
 # Kill this process when it is about to rename something onto TARGET (argv[1]).
@@ -52,7 +52,7 @@ def temporaries(target: Path) -> list[Path]:
 
 WRITE_FOLDER = """
 from pathlib import Path
-from pipeline.io_utils import atomic_dir
+from pipeline.core.io import atomic_dir
 with atomic_dir(Path(sys.argv[1])) as tmp:
     (tmp / "weights.bin").write_bytes(b"new" * 1000)
 """

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.batches import BatchStream, ShardTooShort, sample_batch
-from pipeline.shards import ShardWriter, read_shard
+from pipeline.text.shards import ShardWriter, read_shard
+from pipeline.train.batches import BatchStream, ShardTooShort, sample_batch
 
 # Generous: each case needs well under a second of work once torch is imported.
 HANG_LIMIT_S = 120
@@ -42,8 +42,8 @@ def test_short_shard_fails_early_naming_the_shard_and_sizes(tmp_path):
     result = run_bounded(
         f"""
         import torch
-        from pipeline.batches import BatchStream
-        from pipeline.shards import read_shard
+        from pipeline.train.batches import BatchStream
+        from pipeline.text.shards import read_shard
         tokens = read_shard({str(path)!r})
         try:
             stream = BatchStream(tokens, seed=0, batch=2, block=16, accum=1, rank=0, world=1,
@@ -100,8 +100,8 @@ def test_producer_thread_error_is_raised_in_the_consumer_with_its_cause(tmp_path
     result = run_bounded(
         f"""
         import threading, torch
-        from pipeline.batches import BatchStream
-        from pipeline.shards import read_shard
+        from pipeline.train.batches import BatchStream
+        from pipeline.text.shards import read_shard
         stream = BatchStream(read_shard({str(path)!r}), seed=0, batch=2, block=16, accum=2,
                              rank=0, world=1, device=torch.device("cuda"))
         try:

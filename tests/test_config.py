@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO, make_project
 
 from pipeline.config import ConfigError, load_config, preset_overrides
-from pipeline.params_file import apply_to_params
+from pipeline.config.params_file import apply_to_params
 
 
 def test_repo_params_load_with_every_preset():
@@ -124,7 +124,7 @@ def test_params_writer_rejects_bad_values_without_writing(tmp_path):
 
 
 def test_cli_config_show_and_bad_key(project):
-    cmd = [sys.executable, "-m", "pipeline.cli"]
+    cmd = [sys.executable, "-m", "flows.cli"]
     ok = subprocess.run(
         [*cmd, "config", "show", "--set", "seed=5"], cwd=project, capture_output=True, text=True
     )

@@ -6,7 +6,7 @@ outputs up to date. These tests compute, for each stage named in `dvc.yaml`, wha
 really depends on, and fail naming the stage and the missing module or param.
 
 Code: the transitive import closure of `pipeline/stages/<stage>.py` inside the project, and
-of any other project module the cmd runs (a launcher: `python -m pipeline.launch ... -m
+of any other project module the cmd runs (a launcher: `python -m pipeline.ops.launch ... -m
 pipeline.stages.pretrain`; the stage module is found anywhere in the cmd). Every
 `ast.Import` / `ast.ImportFrom` anywhere in a module counts (imports inside functions too),
 `from pipeline.x import y` adds `pipeline.x` and also `pipeline.x.y` when `y` is a module,
@@ -726,7 +726,7 @@ FAKE = {
         "    importlib.import_module('pipeline.dyn')\n"
         "    return helpers.g(cfg)\n"
     ),
-    "pipeline/config.py": "",
+    "pipeline/config/__init__.py": "",
 }
 
 
@@ -808,8 +808,7 @@ def test_config_reads_follow_chains_aliases_and_annotations() -> None:
 
 def test_detects_a_missing_module_and_param(tmp_path: Path) -> None:
     """End to end on a fake project: a stage missing a dep and a param fails, naming both."""
-    _write(tmp_path, {k: v for k, v in FAKE.items() if k != "pipeline/config.py"})
-    (tmp_path / "pipeline/config.py").write_text("", encoding="utf-8")
+    _write(tmp_path, FAKE)
     (tmp_path / "pipeline/lazy.py").write_text(
         "def f(cfg):\n"
         "    x = cfg.synthesize.continuation_chars, cfg.tracking.uri\n"
@@ -831,7 +830,7 @@ def test_detects_a_missing_module_and_param(tmp_path: Path) -> None:
                 "${paths.tokenizer}",
                 "pipeline/stages",
                 "pipeline/core/",
-                "pipeline/config.py",
+                "pipeline/config/__init__.py",
                 "pipeline/__init__.py",
                 "./pipeline/helpers.py",
                 "pipeline/infunc.py",

@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import cfg_for, prepared_project
 
-from pipeline import metrics as M
 from pipeline.data.storyworld import StoryWorld
-from pipeline.shards import read_meta
+from pipeline.eval import lm as M
 from pipeline.stages import evaluate, finetune, pretrain, synthesize, tokenizer, validate
-from pipeline.tokenizer import encode_docs, load_tokenizer, token_byte_lengths
+from pipeline.text.shards import read_meta
+from pipeline.text.tokenizer import encode_docs, load_tokenizer, token_byte_lengths
 
 SMALL = [
     "model.n_layer=2",

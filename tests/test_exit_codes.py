@@ -21,10 +21,10 @@ import pytest
 from conftest import REPO, SMALL_DATA, cfg_for, prepared_project
 
 from flows.pipeline_flow import EXIT_SIGTERM, StageFailed, _retry_transient, stage_exit_code
-from pipeline import checkpoint as ckpt
-from pipeline.errors import EXIT_TRANSIENT
-from pipeline.launch import read_exit_record
+from pipeline.core.errors import EXIT_TRANSIENT
+from pipeline.ops.launch import read_exit_record
 from pipeline.stages import synthesize, tokenizer, validate
+from pipeline.train import checkpoint as ckpt
 
 BIN = Path(sys.executable).parent
 
@@ -60,7 +60,7 @@ def test_launcher_exits_with_the_workers_code(tmp_path, mode, expected):
     (tmp_path / "worker.py").write_text(WORKER)
     argv = ["--standalone", "--nproc_per_node=1", "worker.py", mode]
     launched = subprocess.run(
-        [sys.executable, "-m", "pipeline.launch", *argv],
+        [sys.executable, "-m", "pipeline.ops.launch", *argv],
         cwd=tmp_path,
         env=clean_env(PYTHONPATH=str(REPO)),
         capture_output=True,
@@ -145,7 +145,7 @@ def pretrain_project(tmp_path_factory) -> Path:
 
 
 def set_params(root: Path, *overrides: str) -> None:
-    from pipeline.params_file import apply_to_params
+    from pipeline.config.params_file import apply_to_params
 
     apply_to_params(root, None, [*SMALL_DATA, *PRETRAIN, *overrides])
 

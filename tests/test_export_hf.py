@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint as ckpt
-from pipeline.errors import LmforgeError
-from pipeline.export_hf import (
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import atomic_write_json
+from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.serve.export_hf import (
     ExportError,
     check_gpt2_compatible,
     export_hf,
     gpt2_config_dict,
     to_gpt2_state_dict,
 )
-from pipeline.io_utils import atomic_write_json
-from pipeline.model import GPT, GPTConfig
-from pipeline.tokenizer import EOT, train_bpe
+from pipeline.text.tokenizer import EOT, train_bpe
+from pipeline.train import checkpoint as ckpt
 
 NO_HF = "transformers is an optional dependency (pip install 'lmforge[hf]')"
 TEXTS = [
@@ -179,7 +179,7 @@ def test_logits_match_transformers(tmp_path: Path, tokenizer_json: Path, overrid
 
 def test_tokenizer_matches(tmp_path: Path, tokenizer_json: Path) -> None:
     transformers = pytest.importorskip("transformers", reason=NO_HF)
-    from pipeline.tokenizer import encode_docs, load_tokenizer
+    from pipeline.text.tokenizer import encode_docs, load_tokenizer
 
     folder = write_model_folder(tmp_path / "m", random_model(tiny_config()))
     out = export_hf(folder, tokenizer_json, tmp_path / "hf")
@@ -198,7 +198,7 @@ def test_failed_export_keeps_previous(
     tmp_path: Path, tokenizer_json: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("transformers", reason=NO_HF)
-    import pipeline.export_hf as export_mod
+    import pipeline.serve.export_hf as export_mod
 
     folder = write_model_folder(tmp_path / "m", random_model(tiny_config()))
     out = export_hf(folder, tokenizer_json, tmp_path / "exports" / "hf")

@@ -10,9 +10,9 @@ import torch
 from conftest import cfg_for, prepared_project
 from torch.optim.swa_utils import AveragedModel
 
-from pipeline import checkpoint as ckpt
 from pipeline.stages import finetune, pretrain, synthesize, tokenizer, validate
-from pipeline.task_data import IGNORE, tokenize
+from pipeline.text.task_data import IGNORE, tokenize
+from pipeline.train import checkpoint as ckpt
 
 SMALL = [
     "model.n_layer=2",
@@ -45,7 +45,7 @@ def pretrained(tmp_path_factory) -> Path:
 
 
 def test_answers_are_the_only_labelled_positions(pretrained):
-    from pipeline.tokenizer import encode_docs, load_tokenizer
+    from pipeline.text.tokenizer import encode_docs, load_tokenizer
 
     cfg = cfg_for(pretrained)
     tok = load_tokenizer(cfg.path("tokenizer") / "tokenizer.json")
@@ -178,8 +178,8 @@ def test_missing_pretrained_model_is_a_clear_error(project):
 
 def _corpus_loss(model, cfg) -> float:
     """Mean LM loss on fixed batches of the validation shard (the pretraining objective)."""
-    from pipeline.batches import sample_batch
-    from pipeline.shards import read_meta, read_shard
+    from pipeline.text.shards import read_meta, read_shard
+    from pipeline.train.batches import sample_batch
 
     meta = read_meta(cfg.path("tokenizer"))
     val = read_shard(cfg.path("tokenizer") / meta["splits"]["val"]["file"], meta["splits"]["val"])

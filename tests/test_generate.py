@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.generate import (
+from pipeline.model.generate import (
     DecodeConfig,
     beam_search,
     filter_logits,
     generate,
     sequence_logprob,
 )
-from pipeline.model import GPT, GPTConfig, KVCache
+from pipeline.model.gpt import GPT, GPTConfig, KVCache
 
 POS = ["learned", "sinusoidal", "rotary"]
 

@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import metrics as M
 from pipeline.data.ngram import NGramModel
 from pipeline.data.storyworld import StoryWorld
+from pipeline.eval import lm as M
 
 LN2 = math.log(2.0)
 

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from pipeline.model import (
+from pipeline.model.gpt import (
     GPT,
     PEAK_FLOPS,
     PRESETS,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import LmforgeError
-from pipeline.model_card import (
+from pipeline.core.errors import LmforgeError
+from pipeline.serve.model_card import (
     STAGES,
     CardInputs,
     fmt,
@@ -402,7 +402,7 @@ def test_load_reports_skips_missing_and_names_a_corrupted_file(tmp_path: Path):
 
 def test_module_imports_without_torch_or_mlflow():
     code = (
-        "import sys, pipeline.model_card; "
+        "import sys, pipeline.serve.model_card; "
         "assert not {'torch', 'mlflow'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -11,9 +11,9 @@ from mlflow.exceptions import MlflowException
 from flows import artifacts
 from flows.pipeline_flow import StageFailed, _retry_transient
 from pipeline.config import load_config
-from pipeline.errors import EXIT_TRANSIENT, GateFailed, LmforgeError, is_transient
-from pipeline.stage_runner import stage_main
-from pipeline.workspace_lock import WorkspaceBusy, workspace_lock
+from pipeline.core.errors import EXIT_TRANSIENT, GateFailed, LmforgeError, is_transient
+from pipeline.ops.stage_runner import stage_main
+from pipeline.ops.workspace_lock import WorkspaceBusy, workspace_lock
 
 
 def test_transient_errors_are_told_apart_from_bad_input():
@@ -190,7 +190,7 @@ def _flow_project(base: Path, *, commit: bool, remote_ok: bool) -> Path:
 def _parent_run_status(root: Path) -> str:
     import mlflow
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.ops.tracking import tracking_uri
 
     cfg = load_config(root)
     client = mlflow.MlflowClient(tracking_uri(cfg))

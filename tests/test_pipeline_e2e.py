@@ -76,7 +76,7 @@ def test_flow_runs_every_stage_then_skips_them(repo_copy, prefect_api, monkeypat
 
     from flows.pipeline_flow import STAGES, lm_pipeline
     from pipeline.config import load_config
-    from pipeline.tracking import tracking_uri
+    from pipeline.ops.tracking import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     first = lm_pipeline(preset="ci", root=str(repo_copy))
@@ -145,7 +145,7 @@ def test_reproduce_from_the_mlflow_run_gives_identical_hashes_and_metrics(
     """`lmforge reproduce <run>`: worktree at the experiment, dvc pull, dvc repro --force."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from flows.cli import app
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(repo_copy)
@@ -174,7 +174,7 @@ def test_one_param_reruns_only_its_dependents(repo_copy, prefect_api, monkeypatc
 
 def test_second_run_on_the_same_workspace_fails_clearly(repo_copy, prefect_api):
     from flows.pipeline_flow import lm_pipeline
-    from pipeline.workspace_lock import WorkspaceBusy, workspace_lock
+    from pipeline.ops.workspace_lock import WorkspaceBusy, workspace_lock
 
     busy = pytest.raises(WorkspaceBusy, match=r"in use by another pipeline run.*first-run")
     with workspace_lock(repo_copy, owner="first-run"), busy:

@@ -16,15 +16,15 @@ import pytest
 import torch
 from conftest import REPO, cfg_for, prepared_project
 
-from pipeline import checkpoint as ckpt
-from pipeline.batches import eval_batches
-from pipeline.checkpoint import CheckpointError
-from pipeline.io_utils import tree_md5
-from pipeline.model import GPT
-from pipeline.seeding import derive_seed
-from pipeline.shards import load_split, read_meta
+from pipeline.core.io import tree_md5
+from pipeline.core.seeding import derive_seed
+from pipeline.model.gpt import GPT
 from pipeline.stages import pretrain, synthesize, tokenizer, validate
-from pipeline.tokenizer import load_tokenizer
+from pipeline.text.shards import load_split, read_meta
+from pipeline.text.tokenizer import load_tokenizer
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.batches import eval_batches
+from pipeline.train.checkpoint import CheckpointError
 
 TINY = [
     "model.n_layer=2",
@@ -91,7 +91,7 @@ def test_training_writes_model_report_and_curve(tokenized):
     weights = ckpt.load_weights(cfg.path("pretrain") / "model.safetensors")
     model_cfg = json.loads((cfg.path("pretrain") / "model_config.json").read_text())
     assert model_cfg["vocab_size"] % 64 == 0
-    from pipeline.model import GPTConfig
+    from pipeline.model.gpt import GPTConfig
 
     model = GPT(GPTConfig(**model_cfg))
     model.load_state_dict(weights)
@@ -249,7 +249,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenized):
     cfg = cfg_for(tokenized, *sets)
     (saved,) = ckpt.list_checkpoints(cfg.path("checkpoints"))
     assert saved.name == f"step_{step:07d}"
-    from pipeline import distributed
+    from pipeline.train import distributed
 
     trainer = pretrain.build(cfg, distributed.init("cpu"))
     assert trainer.start_step == step  # a re-run resumes there

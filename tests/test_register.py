@@ -19,10 +19,10 @@ from serving_helpers import predictions, serve_model, stop
 from test_evaluate import SMALL
 from typer.testing import CliRunner
 
-from pipeline import checkpoint as ckpt
-from pipeline.cli import app
+from flows.cli import app
+from pipeline.serve.textgen import TextGenerator
 from pipeline.stages import evaluate, finetune, pretrain, register, synthesize, tokenizer, validate
-from pipeline.textgen import TextGenerator
+from pipeline.train import checkpoint as ckpt
 
 NAME = "lmforge-test"
 PERMISSIVE = [
@@ -148,7 +148,7 @@ def test_tracking_off_writes_report_and_exits_cleanly(evaluated):
 def test_missing_evaluation_names_the_file(tmp_path):
     from conftest import make_project
 
-    from pipeline.errors import LmforgeError
+    from pipeline.core.errors import LmforgeError
 
     root = make_project(tmp_path / "empty")
     with pytest.raises(LmforgeError, match=r"evaluate\.json: not found; run `dvc repro evaluate`"):

@@ -1,4 +1,4 @@
-"""A registry that fails is never read as "no champion" (pipeline/registry.py).
+"""A registry that fails is never read as "no champion" (pipeline/serve/registry.py).
 
 Against a real `mlflow server` (SQLite in tmp, a free loopback port) and its SQLite store:
 "does not exist" is None for a missing model and for a missing alias. Once the server is
@@ -19,8 +19,8 @@ import pytest
 from conftest import REPO, make_project
 from serving_helpers import start_tracking_server, stop
 
-from pipeline import registry
-from pipeline.errors import EXIT_TRANSIENT, LmforgeError
+from pipeline.core.errors import EXIT_TRANSIENT, LmforgeError
+from pipeline.serve import registry
 
 NAME = "lmforge-registry-test"
 # A killed server must fail fast: no retries with back-off (the default is 7, over minutes).

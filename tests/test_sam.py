@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.sam import SAM, sam_step
+from pipeline.train.sam import SAM, sam_step
 
 REPO = Path(__file__).resolve().parents[1]
 A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)  # symmetric positive definite
@@ -164,8 +164,8 @@ DDP_SCRIPT = textwrap.dedent(
     import torch
     import torch.distributed as dist
     from torch import nn
-    import pipeline.sam
-    from pipeline.sam import SAM, sam_step
+    import pipeline.train.sam
+    from pipeline.train.sam import SAM, sam_step
 
     out, local_ascent = sys.argv[1], sys.argv[2] == "1"
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -173,7 +173,7 @@ DDP_SCRIPT = textwrap.dedent(
     if world > 1:
         dist.init_process_group("gloo")
     if local_ascent:  # the original SAM under DDP: ascent along each rank's local gradient
-        pipeline.sam.average_gradients = lambda params: None
+        pipeline.train.sam.average_gradients = lambda params: None
     g = torch.Generator().manual_seed(1)
     x_all, y_all = torch.randn(3, 8, 6, generator=g), torch.randn(3, 8, 3, generator=g)
     per = 8 // world  # rank r trains on part r of each global batch of 8

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from conftest import cfg_for, make_project, prepared_project
 
-from pipeline import scaling
-from pipeline.errors import LmforgeError
-from pipeline.io_utils import tree_md5
-from pipeline.scaling import SweepError, fit_scaling_law
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import tree_md5
+from pipeline.sweep import scaling
+from pipeline.sweep.scaling import SweepError, fit_scaling_law
 
 TRUE = {"E": 1.1, "A": 40.0, "alpha": 0.35, "B": 30.0, "beta": 0.3}
 

@@ -14,8 +14,8 @@ import mlflow
 import pytest
 from serving_helpers import post, predictions, serve_model, stop, tiny_package
 
+from pipeline.serve.textgen import DEFAULTS_FILE, MAX_PROMPTS, GenerationParams, TextGenerator
 from pipeline.stages import register
-from pipeline.textgen import DEFAULTS_FILE, MAX_PROMPTS, GenerationParams, TextGenerator
 
 
 @pytest.fixture(scope="module")

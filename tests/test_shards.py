@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import LmforgeError
-from pipeline.io_utils import file_md5
-from pipeline.shards import (
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import file_md5
+from pipeline.text.shards import (
     FORMAT_VERSION,
     HEADER,
     HEADER_SIZE,

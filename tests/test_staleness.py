@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SMALL_DATA, cfg_for, make_project, prepared_project
 
-from pipeline import checkpoint as ckpt
-from pipeline.io_utils import file_md5
-from pipeline.params_file import apply_to_params
+from pipeline.config.params_file import apply_to_params
+from pipeline.core.io import file_md5
 from pipeline.stages import pretrain, synthesize, tokenizer, validate
+from pipeline.train import checkpoint as ckpt
 
 TINY = [
     "model.n_layer=2",

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import cfg_for
 
+from pipeline.core.errors import GateFailed
+from pipeline.core.io import tree_md5
 from pipeline.data.drift import NGramIndex
 from pipeline.data.ngram import NGramModel
-from pipeline.errors import GateFailed
-from pipeline.io_utils import tree_md5
 from pipeline.stages import synthesize, validate
 from pipeline.stages.synthesize import drop_contaminated
 

@@ -17,13 +17,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from pipeline import metrics as M
-from pipeline.errors import LmforgeError
-from pipeline.io_utils import tree_md5
-from pipeline.shards import load_split, read_header, read_meta, text_bytes
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import tree_md5
+from pipeline.eval import lm as M
 from pipeline.stages import synthesize, validate
 from pipeline.stages import tokenizer as stage
-from pipeline.tokenizer import (
+from pipeline.text.shards import load_split, read_header, read_meta, text_bytes
+from pipeline.text.tokenizer import (
     EOT,
     TokenizerError,
     bytes_per_token,
@@ -83,7 +83,7 @@ def test_training_is_deterministic(tok):
     # Another process too: Rust hash maps are seeded per process, ties must not depend on it.
     code = (
         "import sys; sys.path.insert(0, 'tests'); from test_tokenizer import corpus;"
-        "from pipeline.tokenizer import EOT, train_bpe;"
+        "from pipeline.text.tokenizer import EOT, train_bpe;"
         "print(train_bpe(corpus(), 400, [EOT], 2).to_str(), end='')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import cfg_for
 
-from pipeline import tracking
-from pipeline.io_utils import file_md5
+from pipeline.core.io import file_md5
+from pipeline.ops import tracking
 
 mlflow = pytest.importorskip("mlflow")
 

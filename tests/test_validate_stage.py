@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import cfg_for
 
+from pipeline.core.errors import GateFailed
+from pipeline.core.io import tree_md5
 from pipeline.data.clean import split_of, text_digest
-from pipeline.errors import GateFailed
-from pipeline.io_utils import tree_md5
 from pipeline.stages import validate
 
 CLEAN_DOCS = [f"Document number {i} talks about topic {i % 7} at some length." for i in range(300)]

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import LmforgeError
+from pipeline.core.errors import LmforgeError
 
 if TYPE_CHECKING:
     import pandas as pd

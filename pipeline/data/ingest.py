@@ -18,8 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.config import Config, SourceConfig
-from pipeline.errors import LmforgeError
-from pipeline.seeding import derive_seed
+from pipeline.core.errors import LmforgeError
+from pipeline.core.seeding import derive_seed
 
 SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("doc_id", pa.string())])
 _SUFFIXES = {"txt": (".txt",), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}

@@ -34,21 +34,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import checkpoint as ckpt
-from pipeline import metrics as M
-from pipeline.batches import eval_batches
 from pipeline.config import Config
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import atomic_write_json, atomic_write_text
+from pipeline.core.seeding import derive_seed
 from pipeline.data.ingest import storyworld_spec
-from pipeline.errors import LmforgeError
-from pipeline.generate import DecodeConfig, generate
-from pipeline.io_utils import atomic_write_json, atomic_write_text
-from pipeline.model import GPT
-from pipeline.seeding import derive_seed
-from pipeline.shards import check_text_bytes, read_meta, read_shard
-from pipeline.sharpness import flatness_verdict
-from pipeline.stage_runner import stage_main
-from pipeline.task_data import evaluate_task, read_examples, tokenize
-from pipeline.tokenizer import decode, encode_docs, load_tokenizer, token_byte_lengths
+from pipeline.eval import lm as M
+from pipeline.eval.sharpness import flatness_verdict
+from pipeline.model.generate import DecodeConfig, generate
+from pipeline.model.gpt import GPT
+from pipeline.ops.stage_runner import stage_main
+from pipeline.text.shards import check_text_bytes, read_meta, read_shard
+from pipeline.text.task_data import evaluate_task, read_examples, tokenize
+from pipeline.text.tokenizer import decode, encode_docs, load_tokenizer, token_byte_lengths
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.batches import eval_batches
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
@@ -190,9 +190,10 @@ def sharpness_table(cfg: Config, test_tokens: np.ndarray) -> dict[str, dict[str,
     """Epsilon-sharpness and the extreme Hessian eigenvalues of each fine-tuning method's weights.
 
     Per method: `test_loss`, `sharpness`, `hessian_max_eig` / `hessian_min_eig` (largest and
-    smallest, by Lanczos: see pipeline/sharpness.py), their residuals and whether both converged.
+    smallest, by Lanczos: see pipeline/eval/sharpness.py), their residuals and whether both
+    converged.
     """
-    from pipeline.sharpness import epsilon_sharpness, hessian_extreme_eigenvalues
+    from pipeline.eval.sharpness import epsilon_sharpness, hessian_extreme_eigenvalues
 
     folder, f = cfg.path("finetune"), cfg.finetune
     methods = (
@@ -375,7 +376,7 @@ def markdown(report: dict[str, Any], gens: dict[str, list[str]], k: int) -> str:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Evaluate the fine-tuned model; write reports/evaluate.{json,md} and plots."""
-    from pipeline.tracking import start_run
+    from pipeline.ops.tracking import start_run
 
     torch.manual_seed(derive_seed(cfg.seed, STAGE, "torch") % 2**63)
     tok_dir = cfg.path("tokenizer")

@@ -5,7 +5,7 @@
 
 Methods (`finetune.method`):
 - `adamw`: the baseline;
-- `sam`: sharpness-aware minimization (pipeline/sam.py): the gradient is taken at
+- `sam`: sharpness-aware minimization (pipeline/train/sam.py): the gradient is taken at
   w + rho * g / ||g|| and the AdamW step applied at w (ASAM with `sam_adaptive`);
 - `swa`: AdamW, then from `swa_start` of training `torch.optim.swa_utils.AveragedModel`
   averages the weights (EMA with `swa_ema`) while `SWALR` holds the learning rate;
@@ -33,18 +33,15 @@ from typing import Any
 import torch
 from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
 
-from pipeline import checkpoint as ckpt
-from pipeline.batches import sample_batch
 from pipeline.config import Config, save_resolved
-from pipeline.errors import LmforgeError
-from pipeline.io_utils import atomic_dir, atomic_write_json, atomic_write_text
-from pipeline.model import GPT, GPTConfig, configure_optimizer
-from pipeline.progress import Progress
-from pipeline.sam import SAM, sam_step
-from pipeline.seeding import derive_seed
-from pipeline.shards import read_meta, read_shard
-from pipeline.stage_runner import stage_main
-from pipeline.task_data import (
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.core.progress import Progress
+from pipeline.core.seeding import derive_seed
+from pipeline.model.gpt import GPT, GPTConfig, configure_optimizer
+from pipeline.ops.stage_runner import stage_main
+from pipeline.text.shards import read_meta, read_shard
+from pipeline.text.task_data import (
     TaskSet,
     batch_indices,
     collate,
@@ -52,7 +49,10 @@ from pipeline.task_data import (
     read_examples,
     tokenize,
 )
-from pipeline.tokenizer import load_tokenizer
+from pipeline.text.tokenizer import load_tokenizer
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.batches import sample_batch
+from pipeline.train.sam import SAM, sam_step
 
 log = logging.getLogger(__name__)
 STAGE = "finetune"
@@ -210,7 +210,7 @@ def measure(model: GPT, data: Data, cfg: Config) -> dict[str, Any]:
     Hessian eigenvalues by Lanczos (`finetune.hessian_iters` Hessian-vector products for
     each), with their residuals ||Hv - lambda v|| / ||v|| and whether both converged.
     """
-    from pipeline.sharpness import epsilon_sharpness, hessian_extreme_eigenvalues
+    from pipeline.eval.sharpness import epsilon_sharpness, hessian_extreme_eigenvalues
 
     f = cfg.finetune
     x, y = data.eval_batch
@@ -233,7 +233,7 @@ def measure(model: GPT, data: Data, cfg: Config) -> dict[str, Any]:
 
 def comparison_markdown(results: dict[str, dict[str, Any]], chosen: str) -> str:
     """The comparison table, then what its numbers show (`flatness_verdict`), as bullets."""
-    from pipeline.sharpness import flatness_verdict
+    from pipeline.eval.sharpness import flatness_verdict
 
     lines = [
         "| method | held-out answer loss | task accuracy | epsilon-sharpness "
@@ -256,9 +256,9 @@ def comparison_markdown(results: dict[str, dict[str, Any]], chosen: str) -> str:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Fine-tune with the configured method (and the others when comparing)."""
-    from pipeline.plots import bar_chart_png
-    from pipeline.sharpness import flatness_verdict
-    from pipeline.tracking import start_run
+    from pipeline.core.plots import bar_chart_png
+    from pipeline.eval.sharpness import flatness_verdict
+    from pipeline.ops.tracking import start_run
 
     f, device = cfg.finetune, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gcfg, weights = load_pretrained(cfg)

@@ -1,12 +1,12 @@
 """Stage `pretrain`: GPT pretraining on the token shards, one code path for every layout.
 
-    dvc repro pretrain     # python -m pipeline.launch (torchrun) ... -m pipeline.stages.pretrain
+    dvc repro pretrain     # pipeline.ops.launch (torchrun) ... -m pipeline.stages.pretrain
     python -m pipeline.stages.pretrain --set pretrain.max_steps=50   # one process, no torchrun
     torchrun --standalone --nproc_per_node=2 -m pipeline.stages.pretrain \
         --set pretrain.strategy=fsdp
 
 One process, DDP or FSDP2, on CPU or CUDA, chosen by `pretrain.*` and torchrun's
-environment (see pipeline/distributed.py for multi-node flags). Next-token cross-entropy,
+environment (see pipeline/train/distributed.py for multi-node flags). Next-token cross-entropy,
 AdamW (fused on CUDA, decay on matrices only), linear warm-up then cosine decay, gradient
 clipping, gradient accumulation to `pretrain.tokens_per_step`, bf16 autocast and TF32 on
 CUDA, fp32 on CPU, optional torch.compile.
@@ -40,14 +40,14 @@ from typing import Any
 
 import torch
 
-from pipeline import checkpoint as ckpt
-from pipeline import distributed as dist_utils
-from pipeline import metrics as M
-from pipeline.batches import BatchStream, check_shard, eval_batches
 from pipeline.config import Config
-from pipeline.errors import LmforgeError
-from pipeline.io_utils import atomic_dir, atomic_write_json, file_md5
-from pipeline.model import (
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import atomic_dir, atomic_write_json, file_md5
+from pipeline.core.plots import loss_curve_png
+from pipeline.core.progress import Progress
+from pipeline.core.seeding import derive_seed
+from pipeline.eval import lm as M
+from pipeline.model.gpt import (
     GPT,
     GPTConfig,
     configure_optimizer,
@@ -55,12 +55,12 @@ from pipeline.model import (
     mfu,
     peak_flops,
 )
-from pipeline.plots import loss_curve_png
-from pipeline.progress import Progress
-from pipeline.seeding import derive_seed
-from pipeline.shards import check_text_bytes, read_meta, read_shard
-from pipeline.stage_runner import stage_main
-from pipeline.tokenizer import load_tokenizer, token_byte_lengths
+from pipeline.ops.stage_runner import stage_main
+from pipeline.text.shards import check_text_bytes, read_meta, read_shard
+from pipeline.text.tokenizer import load_tokenizer, token_byte_lengths
+from pipeline.train import checkpoint as ckpt
+from pipeline.train import distributed as dist_utils
+from pipeline.train.batches import BatchStream, check_shard, eval_batches
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
@@ -485,7 +485,7 @@ def write_outputs(t: Trainer, result: dict[str, Any]) -> dict[str, Any]:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Train; rank 0 writes outputs. Raises TrainingDiverged / TrainingInterrupted."""
-    from pipeline.tracking import start_run
+    from pipeline.ops.tracking import start_run
 
     info = dist_utils.init(cfg.pretrain.device)
     if info.device.type == "cuda":

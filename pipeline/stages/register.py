@@ -33,21 +33,27 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline import registry
 from pipeline.config import Config, GateConfig
-from pipeline.errors import LmforgeError
-from pipeline.io_utils import atomic_write_json, atomic_write_text, tree_md5
-from pipeline.model_card import CardInputs, load_reports, render_model_card
-from pipeline.shards import read_meta
-from pipeline.stage_runner import stage_main
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import atomic_write_json, atomic_write_text, tree_md5
+from pipeline.ops.stage_runner import stage_main
+from pipeline.ops.tracking import (
+    DVC_EXP_ENV,
+    FLOW_RUN_ENV,
+    PARENT_RUN_ENV,
+    git_commit,
+    tracking_uri,
+)
+from pipeline.serve import registry
+from pipeline.serve.model_card import CardInputs, load_reports, render_model_card
+from pipeline.serve.textgen import DEFAULTS_FILE, GenerationParams, TextGenerator
 from pipeline.stages import STAGES
-from pipeline.textgen import DEFAULTS_FILE, GenerationParams, TextGenerator
-from pipeline.tracking import DVC_EXP_ENV, FLOW_RUN_ENV, PARENT_RUN_ENV, git_commit, tracking_uri
+from pipeline.text.shards import read_meta
 
 log = logging.getLogger(__name__)
 STAGE = "register"
 VERSION_FILE = "register_version.json"  # the registry's answer; not a DVC output
-PYFUNC_FILE = Path(__file__).resolve().parents[1] / "pyfunc_model.py"
+PYFUNC_FILE = Path(__file__).resolve().parents[1] / "serve" / "pyfunc_model.py"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # `pipeline/`, shipped as the model's code
 
 
@@ -225,7 +231,7 @@ def log_model(tracking: str, run_id: str, package: Path) -> str:
 
     The params example is every field of GenerationParams at the package's defaults, so the
     params schema MLflow infers from it holds every request param the model knows (MLflow
-    drops the others before `predict`; pipeline/pyfunc_model.py refuses those requests).
+    drops the others before `predict`; pipeline/serve/pyfunc_model.py refuses those requests).
     """
     import mlflow
 
@@ -309,7 +315,7 @@ def register(cfg: Config, tracker: Any, gate: dict[str, Any]) -> dict[str, Any]:
 
 def why_not(cfg: Config, gate: dict[str, Any]) -> str | None:
     """Why this model is not registered, or None when it is."""
-    from pipeline.tracking import mlflow_or_none
+    from pipeline.ops.tracking import mlflow_or_none
 
     if not gate["passed"]:
         return "quality gate failed: " + describe_failure(gate)
@@ -328,7 +334,7 @@ def run(cfg: Config) -> dict[str, Any]:
     (version, alias, champion comparison) differs between registries: it goes to MLflow and
     to `reports/register_version.json`, which DVC does not track.
     """
-    from pipeline.tracking import start_run
+    from pipeline.ops.tracking import start_run
 
     reports = cfg.path("reports")
     evaluation = read_json(reports / "evaluate.json", "run `dvc repro evaluate` first")

@@ -31,6 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Config, save_resolved
+from pipeline.core.errors import GateFailed
+from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.core.seeding import derive_seed
 from pipeline.data.clean import CorpusScan, normalize
 from pipeline.data.drift import NGramIndex, length_distance, unigram_kl
 from pipeline.data.expectations import run_gate
@@ -42,12 +45,9 @@ from pipeline.data.finetune_set import (
 )
 from pipeline.data.ingest import SCHEMA, storyworld_spec
 from pipeline.data.ngram import NGramModel
-from pipeline.errors import GateFailed
-from pipeline.io_utils import atomic_dir, atomic_write_json, atomic_write_text
-from pipeline.seeding import derive_seed
-from pipeline.stage_runner import stage_main
+from pipeline.ops.stage_runner import stage_main
+from pipeline.ops.tracking import start_run
 from pipeline.stages.validate import thresholds
-from pipeline.tracking import start_run
 
 log = logging.getLogger(__name__)
 STAGE = "synthesize"

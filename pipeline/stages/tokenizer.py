@@ -7,7 +7,7 @@ Reads `paths.synthetic/pretrain_train.parquet` (the training split mixed with sy
 data, from synthesize) and `paths.validated/{val,test}.parquet`, and writes to
 `paths.tokenizer/`:
 - `tokenizer.json`: the BPE (Hugging Face `tokenizers` format), trained on the train mix;
-- `train.bin`, `val.bin`, `test.bin`: the token shards (format in `pipeline/shards.py`:
+- `train.bin`, `val.bin`, `test.bin`: the token shards (format in `pipeline/text/shards.py`:
   a 32-byte header, then uint16/uint32 tokens, an `<|endoftext|>` after every document);
 - `meta.json`: vocabulary size, EOT id, dtype, per-split tokens/bytes/docs/md5, bytes per
   token, and the md5 of the training parquet the tokenizer was trained on;
@@ -37,13 +37,13 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from pipeline.config import Config, save_resolved
-from pipeline.errors import LmforgeError
-from pipeline.io_utils import atomic_dir, atomic_write_json, atomic_write_text, file_md5
-from pipeline.progress import Progress
-from pipeline.shards import FORMAT_VERSION, ShardWriter, token_dtype, write_meta
-from pipeline.stage_runner import stage_main
-from pipeline.tokenizer import encode_docs, train_bpe
-from pipeline.tracking import start_run
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text, file_md5
+from pipeline.core.progress import Progress
+from pipeline.ops.stage_runner import stage_main
+from pipeline.ops.tracking import start_run
+from pipeline.text.shards import FORMAT_VERSION, ShardWriter, token_dtype, write_meta
+from pipeline.text.tokenizer import encode_docs, train_bpe
 
 log = logging.getLogger(__name__)
 STAGE = "tokenizer"
@@ -170,7 +170,7 @@ def encode_split(
 ) -> SplitStats:
     """Encode every text of parquet `src` into shard `dst`, streaming in constant memory.
 
-    Each document is followed by `eot_id` (the convention of `pipeline.shards`). The shard
+    Each document is followed by `eot_id` (the convention of `pipeline.text.shards`). The shard
     dtype follows the vocabulary size. The shard appears at `dst` only when complete.
     """
     dtype = token_dtype(tok.get_vocab_size())

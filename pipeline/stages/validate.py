@@ -29,15 +29,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Config, save_resolved
+from pipeline.core.errors import GateFailed
+from pipeline.core.io import atomic_dir, atomic_write_json
+from pipeline.core.progress import Progress
+from pipeline.core.seeding import derive_seed
 from pipeline.data.clean import SPLITS, CorpusScan
 from pipeline.data.expectations import GateResult, GateThresholds, run_gate
 from pipeline.data.ingest import SCHEMA, iter_corpus
-from pipeline.errors import GateFailed
-from pipeline.io_utils import atomic_dir, atomic_write_json
-from pipeline.progress import Progress
-from pipeline.seeding import derive_seed
-from pipeline.stage_runner import stage_main
-from pipeline.tracking import start_run
+from pipeline.ops.stage_runner import stage_main
+from pipeline.ops.tracking import start_run
 
 log = logging.getLogger(__name__)
 STAGE = "validate"

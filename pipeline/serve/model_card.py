@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import LmforgeError
-from pipeline.markdown import (
+from pipeline.core.errors import LmforgeError
+from pipeline.core.markdown import (
     Md,
     bullets,
     code,

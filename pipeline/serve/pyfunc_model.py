@@ -2,7 +2,7 @@
 
 MLflow stores this file with the model and runs it when the model is loaded, so the model
 is a script plus files, never a pickled torch module. The artifacts are one model package
-(pipeline/textgen.py): the safetensors weights, the tokenizer and the resolved config.
+(pipeline/serve/textgen.py): the safetensors weights, the tokenizer and the resolved config.
 
     mlflow models serve -m models:/lmforge-gpt@champion --env-manager local -p 5001
     curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\
@@ -10,7 +10,7 @@ is a script plus files, never a pickled torch module. The artifacts are one mode
 
 A bad request (an unknown or misspelled param, a wrong type, a value out of range, prompts
 that are not 1..64 strings) gets HTTP 400 with a message naming the field; the bounds are
-those of `pipeline.textgen`, shared with `lmforge generate`.
+those of `pipeline.serve.textgen`, shared with `lmforge generate`.
 
 Do not import this module from library code: its last line registers the model with MLflow.
 """
@@ -32,8 +32,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.pyfunc.context import get_prediction_context
 
-from pipeline.errors import LmforgeError
-from pipeline.textgen import DEFAULTS_FILE, GenerationParams, TextGenerator
+from pipeline.core.errors import LmforgeError
+from pipeline.serve.textgen import DEFAULTS_FILE, GenerationParams, TextGenerator
 
 PACKAGE_ARTIFACT = "package"  # the artifacts key of the model package folder
 

@@ -8,7 +8,7 @@ under HF's GPT-2 names) and the tokenizer (`tokenizer.json` + `tokenizer_config.
     model = GPT2LMHeadModel.from_pretrained("exports/hf", local_files_only=True)
     tok = AutoTokenizer.from_pretrained("exports/hf", local_files_only=True)
 
-load offline and give the same logits as `pipeline.model.GPT` (checked to 1e-5 in the tests).
+load offline and give the same logits as `pipeline.model.gpt.GPT` (checked to 1e-5 in the tests).
 
 How our GPT maps onto HF GPT-2:
 
@@ -27,7 +27,7 @@ How our GPT maps onto HF GPT-2:
 
 The tokenizer is saved as a `PreTrainedTokenizerFast` over our byte-level BPE `tokenizer.json`
 with `<|endoftext|>` as bos/eos. Note that HF encodes a literal `<|endoftext|>` in text as the
-special id (the usual GPT-2 behaviour), whereas `pipeline.tokenizer.encode_docs` treats it as
+special id (the usual GPT-2 behaviour), whereas `pipeline.text.tokenizer.encode_docs` treats it as
 data; text without that string encodes to identical ids.
 Written with transformers 5, the export needs transformers >= 5 to load: its
 `tokenizer_config.json` names `TokenizersBackend`, v5's name for the fast tokenizer class.
@@ -47,13 +47,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from pipeline import checkpoint as ckpt
-from pipeline.errors import LmforgeError
-from pipeline.io_utils import atomic_dir
-from pipeline.model import GPT, GPTConfig
-from pipeline.tokenizer import EOT, load_tokenizer, special_token_ids
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import atomic_dir
+from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.text.tokenizer import EOT, load_tokenizer, special_token_ids
+from pipeline.train import checkpoint as ckpt
 
-LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which pipeline.model uses
+LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which pipeline.model.gpt uses
 INSTALL_HINT = "pip install 'lmforge[hf]' (or: pip install 'transformers>=5,<6')"
 
 

@@ -15,7 +15,7 @@ Tokens are uint16 when the vocabulary has at most 65535 entries, else uint32.
 Document convention: the end-of-text id (EOT) is written *after* every document, so the
 stream is `doc0 EOT doc1 EOT ... docN-1 EOT`. Every document is preceded by the start of the
 shard or by an EOT, every shard ends with an EOT, and the number of EOTs equals the number
-of documents (document text never yields the EOT id, see `pipeline.tokenizer`). A training
+of documents (document text never yields the EOT id, see `pipeline.text.tokenizer`). A training
 window that starts right after an EOT starts at a document boundary.
 
 `meta.json` next to the shards describes them (vocabulary, EOT id, per-split token, byte and
@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import LmforgeError
-from pipeline.io_utils import atomic_write_json, file_md5
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import atomic_write_json, file_md5
 
 MAGIC = b"LMFSHARD"
 FORMAT_VERSION = 1
@@ -249,7 +249,7 @@ def read_shard(
 def text_bytes(tokens: np.ndarray, token_bytes: np.ndarray, chunk: int = 1 << 22) -> int:
     """UTF-8 bytes of text a token stream stands for, by a (V,) token->bytes table.
 
-    With `pipeline.tokenizer.token_byte_lengths` (separators count 0) this equals a split's
+    With `pipeline.text.tokenizer.token_byte_lengths` (separators count 0) this equals a split's
     `bytes` in meta.json. Reads the stream in chunks, so a memory-mapped shard stays mapped.
     """
     table = np.asarray(token_bytes, dtype=np.int64)  # (V,)

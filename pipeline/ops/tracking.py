@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.io_utils import file_md5
+from pipeline.core.io import file_md5
 
 PARENT_RUN_ENV = "LMFORGE_PARENT_RUN_ID"
 FLOW_RUN_ENV = "LMFORGE_FLOW_RUN_ID"

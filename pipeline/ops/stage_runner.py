@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.errors import EXIT_TRANSIENT, LmforgeError, is_transient
+from pipeline.core.errors import EXIT_TRANSIENT, LmforgeError, is_transient
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import EXIT_TRANSIENT, LmforgeError, is_transient
+from pipeline.core.errors import EXIT_TRANSIENT, LmforgeError, is_transient
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
     lmforge generate --model models:/lmforge-gpt@champion "once upon a time"
     lmforge generate --model models/finetune --tokenizer data/tokenizer/tokenizer.json "tom"
 
-The served MLflow model (pipeline/pyfunc_model.py), `lmforge generate` and the register
+The served MLflow model (pipeline/serve/pyfunc_model.py), `lmforge generate` and the register
 stage's champion comparison all go through `TextGenerator`, so they decode the same way.
 
 A *model package* is a folder holding `model_config.json`, `model.safetensors` and
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from pipeline import checkpoint as ckpt
-from pipeline.errors import LmforgeError
-from pipeline.generate import STRATEGIES, DecodeConfig, generate
-from pipeline.model import GPT
-from pipeline.tokenizer import decode, encode_docs, load_tokenizer
+from pipeline.core.errors import LmforgeError
+from pipeline.model.generate import STRATEGIES, DecodeConfig, generate
+from pipeline.model.gpt import GPT
+from pipeline.text.tokenizer import decode, encode_docs, load_tokenizer
+from pipeline.train import checkpoint as ckpt
 
 EOT = "<|endoftext|>"
 PACKAGE_FILES = ("model_config.json", "model.safetensors", "tokenizer.json")
@@ -40,7 +40,7 @@ DEFAULTS_FILE = "generation_defaults.json"  # in a registered package: register.
 
 # Bounds of a generation request: the same rule for the served model and `lmforge generate`.
 # - max_new_tokens: 1 .. the model's block_size. Prompt and continuation share the context,
-#   and the prompt is cropped from the left to fit (pipeline/generate.py), so the longest
+#   and the prompt is cropped from the left to fit (pipeline/model/generate.py), so the longest
 #   continuation is the whole context; a larger value is refused, never quietly lowered.
 # - temperature: finite, 0 < t <= MAX_TEMPERATURE (0 would be argmax: use strategy greedy;
 #   above 10 sampling is close to uniform noise, the same bound as register.decoding).
@@ -48,7 +48,7 @@ DEFAULTS_FILE = "generation_defaults.json"  # in a registered package: register.
 # - num_beams: 1 .. MAX_BEAMS (the cost of beam search grows with the width; it is the bound
 #   of register.decoding.num_beams). It applies to strategy beam only, as temperature, top_k
 #   and top_p apply to strategy sample only.
-# - strategy: one of pipeline.generate.STRATEGIES (greedy, sample, beam).
+# - strategy: one of pipeline.model.generate.STRATEGIES (greedy, sample, beam).
 # - seed: 0 .. 2**63 - 1 (a torch.Generator seed; MLflow's `long`).
 # - prompts: 1 .. MAX_PROMPTS strings of at most MAX_PROMPT_CHARS characters each. Each
 #   prompt is decoded on its own, so a request costs prompts x max_new_tokens forward steps.
@@ -254,7 +254,7 @@ class TextGenerator:
         """One generated text per prompt (the prompt included unless return_full_text=False).
 
         A prompt longer than the context left by max_new_tokens keeps its last tokens (the
-        left-crop of pipeline/generate.py): the model cannot see further back anyway.
+        left-crop of pipeline/model/generate.py): the model cannot see further back anyway.
         """
         prompts, gp = self.check_request(prompts, params)
         return self.complete_checked(prompts, gp)

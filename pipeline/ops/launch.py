@@ -1,7 +1,8 @@
-"""torchrun that exits with the stage's own exit code: `python -m pipeline.launch <torchrun args>`.
+"""torchrun that exits with the stage's own exit code.
 
-    python -m pipeline.launch --standalone --nproc_per_node=2 -m pipeline.stages.pretrain
-    python -m pipeline.launch --nnodes=2 --node_rank=0 --rdzv_backend=c10d \
+    python -m pipeline.ops.launch <torchrun args>
+    python -m pipeline.ops.launch --standalone --nproc_per_node=2 -m pipeline.stages.pretrain
+    python -m pipeline.ops.launch --nnodes=2 --node_rank=0 --rdzv_backend=c10d \
         --rdzv_endpoint=host:29400 --nproc_per_node=8 -m pipeline.stages.pretrain
 
 The arguments are torchrun's own, parsed by torchrun's parser (`torch.distributed.run`), and
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.io_utils import atomic_write_json
+from pipeline.core.io import atomic_write_json
 
 EXIT_RECORDS = Path(".lmforge") / "exit"
 
@@ -59,7 +60,7 @@ def shell_status(exitcode: int) -> int:
 
 
 def describe_status(code: int | None) -> str:
-    """What an exit status means in this project (see pipeline/stage_runner.py)."""
+    """What an exit status means in this project (see pipeline/ops/stage_runner.py)."""
     if code is None:
         return "exit code unknown"
     known = {
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     root = os.environ.get("DVC_ROOT") or os.getcwd()
     record = {"stage": stage, "exit_code": code, "reason": reason, "time": time.time()}
     atomic_write_json(exit_record_path(root, stage), record)
-    print(f"pipeline.launch: {reason}", file=sys.stderr)
+    print(f"pipeline.ops.launch: {reason}", file=sys.stderr)
     return code
 
 

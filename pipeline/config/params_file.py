@@ -16,7 +16,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from pipeline.config import (
+from pipeline.config.loader import (
     PARAMS_FILE,
     apply_override,
     build_config,
@@ -24,7 +24,7 @@ from pipeline.config import (
     preset_overrides,
     resolve_data,
 )
-from pipeline.io_utils import atomic_write_text
+from pipeline.core.io import atomic_write_text
 
 
 def _assign(node: Any, new: dict[str, Any]) -> None:

@@ -72,8 +72,8 @@ def stage(
     """Run one stage in this process (no DVC, no Prefect), with optional overrides."""
     if name not in STAGES:
         _fail(f"unknown stage {name!r}; expected one of: {', '.join(STAGES)}", 2)
-    from pipeline.errors import LmforgeError
-    from pipeline.stage_runner import setup_logging
+    from pipeline.core.errors import LmforgeError
+    from pipeline.ops.stage_runner import setup_logging
 
     setup_logging()
     try:
@@ -122,7 +122,7 @@ def run(
 
 def _tracking_uri_for_cli() -> str | None:
     """The project's tracking URI when run inside a project (MLFLOW_TRACKING_URI wins)."""
-    from pipeline.tracking import tracking_uri
+    from pipeline.ops.tracking import tracking_uri
 
     try:
         return tracking_uri(load_config())
@@ -173,7 +173,7 @@ def generate_text(
 
     Options left out take the model's registered defaults (`register.decoding`).
     """
-    from pipeline.errors import LmforgeError
+    from pipeline.core.errors import LmforgeError
 
     uri = model or _default_model()
     given = {
@@ -190,7 +190,7 @@ def generate_text(
         if _is_mlflow_uri(uri):
             texts = _generate_mlflow(uri, prompts, params)
         else:
-            from pipeline.textgen import TextGenerator
+            from pipeline.serve.textgen import TextGenerator
 
             texts = TextGenerator.from_folder(Path(uri), tokenizer).complete(prompts, params)
     except LmforgeError as e:
@@ -203,7 +203,7 @@ def _generate_mlflow(uri: str, prompts: list[str], params: dict[str, Any]) -> li
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.errors import LmforgeError
+    from pipeline.core.errors import LmforgeError
 
     tracking = _tracking_uri_for_cli()
     if tracking:
@@ -226,13 +226,13 @@ def export(
     tokenizer: TokenizerOpt = None,
 ) -> None:
     """Export a model for Hugging Face transformers (GPT2LMHeadModel, identical logits)."""
-    from pipeline.errors import LmforgeError
+    from pipeline.core.errors import LmforgeError
 
     if format_ != "hf":
         _fail(f"unknown --format {format_!r}; supported: hf", 2)
     uri = model or _default_model()
     try:
-        from pipeline.export_hf import export_hf
+        from pipeline.serve.export_hf import export_hf
 
         with tempfile.TemporaryDirectory(prefix="lmforge-export-") as tmp:
             folder = Path(uri)
@@ -249,8 +249,8 @@ def _download_model(uri: str, dest: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.errors import LmforgeError
-    from pipeline.registry import download_package
+    from pipeline.core.errors import LmforgeError
+    from pipeline.serve.registry import download_package
 
     tracking = _tracking_uri_for_cli()
     if tracking:
@@ -265,7 +265,7 @@ def _download_model(uri: str, dest: Path) -> Path:
 def sweep(preset: PresetOpt = None, set_: SetOpt = None) -> None:
     """Scaling-law sweep: pretrain sweep.sizes x sweep.steps, fit L(N, D) = E + A/N^a + B/D^b."""
     from flows.scaling_flow import scaling_sweep
-    from pipeline.errors import LmforgeError
+    from pipeline.core.errors import LmforgeError
 
     try:
         summary = scaling_sweep(preset=preset, overrides=set_ or [], root=str(find_root()))
@@ -331,14 +331,14 @@ def reproduce_run(
 
     Exits 0 when the metrics and every output's DVC hash are identical, 1 otherwise.
     """
-    from pipeline.errors import LmforgeError
-    from pipeline.reproduce import render, reproduce
+    from pipeline.core.errors import LmforgeError
+    from pipeline.ops.reproduce import render, reproduce
 
     try:
         cfg = load_config()
     except ConfigError as e:
         _fail(str(e), 2)
-    from pipeline.stage_runner import setup_logging
+    from pipeline.ops.stage_runner import setup_logging
 
     setup_logging()
     typer.echo(f"reproducing MLflow run {run_id} (dvc pull, then dvc repro --force)...")

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import LmforgeError
-from pipeline.tokenizer import encode_docs
+from pipeline.core.errors import LmforgeError
+from pipeline.text.tokenizer import encode_docs
 
 IGNORE = -1
 

@@ -17,7 +17,7 @@ re-implements BPE). The choices that matter for the rest of the pipeline:
   scored tokens rather than an average.
 
 Core module: imports only the standard library, numpy and `tokenizers` (the GPU machine
-has nothing else), plus `pipeline.errors`.
+has nothing else), plus `pipeline.core.errors`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipeline.errors import LmforgeError
+from pipeline.core.errors import LmforgeError
 
 EOT = "<|endoftext|>"
 NUM_BYTES = 256  # the byte-level alphabet: every vocabulary holds at least these symbols
@@ -128,7 +128,7 @@ def encode_docs(tok: Tokenizer, docs: list[str]) -> list[list[int]]:
     """Token ids of each document, in parallel (Rust threads), with no special tokens added.
 
     Sets `tok.encode_special_tokens = True`, so a literal `<|endoftext|>` in a document is
-    encoded as text; separators are added by the caller (see `pipeline.shards`).
+    encoded as text; separators are added by the caller (see `pipeline.text.shards`).
     """
     _as_data(tok)
     # encode_batch_fast skips the character offsets, which nothing here needs.

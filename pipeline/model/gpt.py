@@ -22,7 +22,8 @@ Choices worth stating:
 Also here: exact parameter counts (`num_params` / `analytic_num_params`), the MFU formula
 (`flops_per_token`, `peak_flops`, `mfu`) and the AdamW parameter grouping
 (`configure_optimizer`), and `KVCache`, the per-layer key/value store that lets
-`GPT.forward(idx, cache=cache)` decode incrementally (pipeline/generate.py uses it). The module
+`GPT.forward(idx, cache=cache)` decode incrementally (pipeline/model/generate.py uses it).
+The module
 imports only torch and the standard library, because the GPU benchmark machine has nothing else.
 """
 

@@ -1,6 +1,7 @@
 """Markdown for reports: numbers formatted for people, and tables that free text cannot break.
 
-Used by the model card (pipeline/model_card.py) and the Prefect artifacts (flows/artifacts.py).
+Used by the model card (pipeline/serve/model_card.py) and the Prefect artifacts
+(flows/artifacts.py).
 Standard library only.
 """
 

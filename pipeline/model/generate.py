@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from pipeline.model import GPT, KVCache
+from pipeline.model.gpt import GPT, KVCache
 
 STRATEGIES = ("greedy", "sample", "beam")
 TOP_P_TOLERANCE = 1e-6  # cumulative mass within this of p counts as reaching p (float rounding)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.errors import LmforgeError
+from pipeline.core.errors import LmforgeError
 
 
 class ShardTooShort(LmforgeError, ValueError):

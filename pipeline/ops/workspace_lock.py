@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import LmforgeError
+from pipeline.core.errors import LmforgeError
 
 LOCK_FILE = Path(".lmforge") / "run.lock"
 

@@ -32,8 +32,8 @@ import numpy as np
 import yaml
 
 from pipeline.config import Config
-from pipeline.errors import LmforgeError
-from pipeline.io_utils import atomic_write_bytes
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import atomic_write_bytes
 
 LAW = "L(N, D) = E + A / N^alpha + B / D^beta"
 FIT_PARAMS = ("E", "A", "alpha", "B", "beta")
@@ -214,7 +214,7 @@ def count_params(cfg: Config, vocab_size: int) -> int:
     """N of `cfg.model` (no position embeddings), counted on the meta device (no memory)."""
     import torch
 
-    from pipeline.model import GPT, GPTConfig
+    from pipeline.model.gpt import GPT, GPTConfig
 
     with torch.device("meta"):
         return GPT(GPTConfig.from_params(cfg.model, vocab_size)).num_params()
@@ -227,7 +227,7 @@ def count_params(cfg: Config, vocab_size: int) -> int:
 
 def require_tokenizer(cfg: Config) -> dict[str, Any]:
     """The shards' meta.json; a clear error saying how to build them when they are missing."""
-    from pipeline.shards import META_FILE, ShardError, read_meta
+    from pipeline.text.shards import META_FILE, ShardError, read_meta
 
     folder = cfg.path("tokenizer")
     try:
@@ -573,7 +573,7 @@ def scaling_plot_png(
 ) -> Path | None:
     """Loss against D per model size with the fitted curves, and residuals against D.
 
-    Written atomically; None if matplotlib is missing (it is optional, see pipeline/plots.py).
+    Written atomically; None if matplotlib is missing (it is optional, see pipeline/core/plots.py).
     """
     try:
         import matplotlib

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config
-from pipeline.errors import LmforgeError
+from pipeline.core.errors import LmforgeError
 
 
 class ReproduceError(LmforgeError):
@@ -72,7 +72,7 @@ def run_origin(cfg: Config, run_id: str) -> tuple[str, str]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.ops.tracking import tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri(cfg))
     try:

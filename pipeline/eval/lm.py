@@ -88,7 +88,7 @@ def target_bytes(
     Args:
         targets: integer target ids of any shape; entries equal to ``ignore_index``
             (padding) are not scored and count no bytes.
-        token_bytes: (V,) bytes per token id (``pipeline.tokenizer.token_byte_lengths``),
+        token_bytes: (V,) bytes per token id (``pipeline.text.tokenizer.token_byte_lengths``),
             on the same device as ``targets``.
 
     Returns a 0-dim int64 tensor on that device (no host sync, so it can be summed across

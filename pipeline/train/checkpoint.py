@@ -41,8 +41,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pipeline.errors import LmforgeError
-from pipeline.io_utils import atomic_dir, atomic_write_json
+from pipeline.core.errors import LmforgeError
+from pipeline.core.io import atomic_dir, atomic_write_json
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -200,7 +200,7 @@ def read_model_files(folder: Path, weights: Path | None = None, hint: str = "") 
 
     `hint` names the stage that writes the folder, for the error when it is missing.
     """
-    from pipeline.model import GPTConfig
+    from pipeline.model.gpt import GPTConfig
 
     config_path = folder / "model_config.json"
     if not config_path.is_file():
