@@ -36,9 +36,12 @@ ROWS_PER_GROUP = 5_000
 
 def story_pool(n: int, seed: int) -> list[str]:
     """`n` story-world stories (~200 bytes each): natural-ish, repetitive English."""
+    from pipeline.config import load_config
+    from pipeline.data.ingest import storyworld_spec
     from pipeline.data.storyworld import StoryWorld
 
-    world, rng = StoryWorld(), random.Random(seed)
+    # The grammar that the repo's params.yaml configures: the text the pipeline tokenizes.
+    world, rng = StoryWorld(storyworld_spec(load_config(REPO))), random.Random(seed)
     return [world.sample(rng).text for _ in range(n)]
 
 

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import typer
 
 from pipeline.config import ConfigError, describe, find_root, list_presets, load_config
-from pipeline.stages import STAGES
+from pipeline.core.names import STAGES
 
 app = typer.Typer(help="lmforge: train GPT-style language models end to end.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
@@ -69,23 +69,20 @@ def stage(
     preset: PresetOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Run one stage in this process (no DVC, no Prefect), with optional overrides."""
+    """Run one stage in this process (no DVC, no Prefect), with optional overrides.
+
+    Exactly `python -m pipeline.stages.<name>`: the stage's own `main()` (the shared
+    `stage_main`) parses the options, runs it and chooses the exit code, so the codes
+    (1 bad input, 2 bad config, 75 transient, 143 SIGTERM in pretrain) never depend on
+    which way the stage was started.
+    """
     if name not in STAGES:
         _fail(f"unknown stage {name!r}; expected one of: {', '.join(STAGES)}", 2)
-    from pipeline.core.errors import LmforgeError
-    from pipeline.ops.stage_runner import setup_logging
-
-    setup_logging()
-    try:
-        cfg = load_config(preset=preset, overrides=set_ or [])
-    except ConfigError as e:
-        _fail(str(e), 2)
+    argv = ["--preset", preset] if preset else []
+    for item in set_ or []:
+        argv += ["--set", item]
     module = importlib.import_module(f"pipeline.stages.{name}")
-    try:
-        summary = module.run(cfg)
-    except (LmforgeError, ValueError) as e:
-        _fail(f"stage {name} failed:\n{e}", 1)
-    typer.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    raise typer.Exit(module.main(argv))
 
 
 @app.command("run")

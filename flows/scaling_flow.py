@@ -9,8 +9,9 @@ task pretrains a model in a process of its own (`python -m pipeline.stages.pretr
 `models/sweep/<point>/` and `reports/sweep/<point>/`, so the main pipeline's DVC outputs are
 never touched. Each point is a child MLflow run of the parent run "scaling-sweep" (through
 `LMFORGE_PARENT_RUN_ID`). Then L(N, D) = E + A/N^alpha + B/D^beta is fitted to the final
-validation bits per byte (pipeline/sweep/scaling.py), compared with the source's entropy rate,
-and written to `reports/sweep/scaling.{json,md,png}`, the parent run and a Prefect artifact.
+validation bits per byte (pipeline/sweep/fit.py), compared with the source's entropy rate,
+and written (pipeline/sweep/report.py) to `reports/sweep/scaling.{json,md,png}`, the parent
+run and a Prefect artifact.
 
 The sweep reads the tokenizer's shards and never builds them: `dvc repro` follows
 params.yaml, which this flow does not write, so building them here would silently train a
@@ -43,8 +44,11 @@ from pipeline.ops.tracking import (
     open_parent_run,
     tracking_uri,
 )
-from pipeline.sweep import scaling
-from pipeline.sweep.scaling import SweepError, SweepPoint
+from pipeline.sweep import fit as sweep_fit
+from pipeline.sweep import grid, inputs
+from pipeline.sweep import report as sweep_report
+from pipeline.sweep.fit import SweepError
+from pipeline.sweep.grid import SweepPoint
 
 FIT_METRICS = ("E", "A", "alpha", "B", "beta", "rmse", "r2")
 # Per-run facts kept out of scaling.json, so that a re-run on CPU writes the same file.
@@ -69,7 +73,7 @@ def point_env(parent_run_id: str | None) -> dict[str, str]:
     """Environment of a point's process: it joins the parent MLflow run and the flow run,
     and imports the same `pipeline` package as this process (the root may be elsewhere)."""
     env = dict(os.environ)
-    code_root = str(Path(scaling.__file__).resolve().parents[2])  # pipeline/sweep/scaling.py
+    code_root = str(Path(grid.__file__).resolve().parents[2])  # pipeline/sweep/grid.py
     env["PYTHONPATH"] = os.pathsep.join(p for p in (code_root, env.get("PYTHONPATH")) if p)
     env[FLOW_RUN_ENV] = str(flow_run.get_id() or "")
     env.pop(PARENT_RUN_ENV, None)  # never join a parent inherited from an outer run
@@ -150,7 +154,7 @@ def run_points(
     rows, failed, seen = [], [], set()
     for i, p in enumerate(points, start=1):
         logger.info("point %d/%d: %s (D = %s tokens)", i, len(points), p.name, f"{p.tokens:,}")
-        argv = point_command(cfg, preset, [*overrides, *scaling.point_overrides(p, cfg)])
+        argv = point_command(cfg, preset, [*overrides, *grid.point_overrides(p, cfg)])
         report = str(cfg.root / p.report_dir / "pretrain.json")
         state = pretrain_point(p.name, argv, str(cfg.root), parent, report, return_state=True)
         run_id = label_child(client, parent, seen, p)
@@ -170,7 +174,7 @@ def fit_and_report(
     """Fit the law, compare E with the source entropy, write reports/sweep/scaling.*."""
     fit, fit_error = None, None
     try:
-        fit = scaling.fit_scaling_law(
+        fit = sweep_fit.fit_scaling_law(
             [r["N"] for r in rows],
             [r["D"] for r in rows],
             [r["val_bpb"] for r in rows],
@@ -178,11 +182,11 @@ def fit_and_report(
         )
     except SweepError as e:
         fit_error = str(e)
-    est, why = scaling.source_entropy(cfg)
-    comparison = scaling.entropy_comparison(fit, est, why) if fit else None
-    out = cfg.root / scaling.sweep_dirs(cfg)[1]
+    est, why = inputs.source_entropy(cfg)
+    comparison = sweep_report.entropy_comparison(fit, est, why) if fit else None
+    out = cfg.root / grid.sweep_dirs(cfg)[1]
     summary = {
-        "law": scaling.LAW,
+        "law": sweep_fit.LAW,
         "units": {
             "L": "validation bits per byte (val_bpb)",
             "N": "parameters without position embeddings",
@@ -201,7 +205,7 @@ def fit_and_report(
         "source_entropy": comparison,
         "data_config_mismatch": mismatch,
     }
-    markdown = scaling.report_markdown(rows, fit, comparison, failed, fit_error)
+    markdown = sweep_report.report_markdown(rows, fit, comparison, failed, fit_error)
     files = {
         "json": atomic_write_json(out / "scaling.json", summary),
         "md": atomic_write_text(out / "scaling.md", markdown),
@@ -209,7 +213,7 @@ def fit_and_report(
     if fit:
         files["residuals"] = atomic_write_json(out / "residuals.json", fit["residuals"])
         h = comparison["H_bits_per_byte"] if comparison else None
-        png = scaling.scaling_plot_png(rows, fit, out / "scaling.png", h)
+        png = sweep_report.scaling_plot_png(rows, fit, out / "scaling.png", h)
         if png:
             files["png"] = png
     return {"summary": summary, "markdown": markdown, "fit": fit, "files": files}
@@ -254,12 +258,12 @@ def scaling_sweep(
     logger = get_run_logger()
     overrides = list(overrides or [])
     cfg = load_config(Path(root).resolve(), preset=preset, overrides=overrides)
-    meta = scaling.require_tokenizer(cfg)
-    points = scaling.expand_grid(cfg)
-    predicted = scaling.plan_points(cfg, points, preset, overrides, meta["vocab_size"])
+    meta = inputs.require_tokenizer(cfg)
+    points = grid.expand_grid(cfg)
+    predicted = grid.plan_points(cfg, points, preset, overrides, meta["vocab_size"])
     logger.info("%d points: %s", len(points), ", ".join(p.name for p in points))
     logger.info("predicted N per size: %s", sorted(set(predicted)))
-    mismatch = scaling.data_config_mismatch(cfg)
+    mismatch = inputs.data_config_mismatch(cfg)
     if mismatch:
         logger.warning(
             "%s was built with another data config; the sweep trains on it as it is:\n  %s",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -11,8 +12,6 @@ import pytest
 
 from pipeline.data.drift import (
     NGramIndex,
-    doc_lengths,
-    drift_report,
     length_distance,
     unigram_kl,
 )
@@ -111,14 +110,14 @@ def test_contamination_catches_planted_duplicate_and_shared_ngram():
 
 
 def test_no_leak_on_clean_synthetic_data():
-    report = NGramIndex(REAL).find_leaks(SYNTHETIC)
+    report = NGramIndex(REAL, n=13).find_leaks(SYNTHETIC)
     assert report.contaminated == 0 and report.examples == []
 
 
 def test_twelve_shared_words_are_not_a_13_gram_leak():
     shared = " ".join(REAL[1].split()[5:17])  # only 12 words
     doc = "Once upon a time a frog said that " + shared + " and then hopped away."
-    assert NGramIndex(REAL).find_leaks([doc]).contaminated == 0
+    assert NGramIndex(REAL, n=13).find_leaks([doc]).contaminated == 0
 
 
 def test_short_docs_are_only_compared_exactly():
@@ -140,11 +139,8 @@ def test_max_report_limits_examples_and_n_is_configurable():
         NGramIndex(REAL, n=0)
 
 
-def test_drift_report_is_json_friendly():
-    out = drift_report(SYNTHETIC, REAL, reference_docs=REAL[:2])
-    json.dumps(out)
-    assert out["n_synthetic"] == 3 and out["unigram_kl_bits"] > 0
-    assert out["contamination"]["contaminated"] == 0
-    assert out["mean_bytes_real"] == pytest.approx(np.mean(doc_lengths(REAL)))
-    assert "contamination" not in drift_report(REAL, REAL)
-    assert drift_report(REAL, REAL)["length_w1_log"] == 0.0
+def test_index_n_has_no_default_params_yaml_owns_it():
+    """`synthesize.contamination_ngram` (20 in params.yaml) owns n; the old default was 13."""
+    assert inspect.signature(NGramIndex).parameters["n"].default is inspect.Parameter.empty
+    with pytest.raises(TypeError):
+        NGramIndex(REAL)  # type: ignore[call-arg]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
 
@@ -10,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.config.schema import MimicConfig
 from pipeline.data.ngram import EOS, NGramModel
 
 CORPUS = [
@@ -21,6 +24,23 @@ CORPUS = [
     "héllo wörld ✓",
 ]
 METHODS = ("kneser_ney", "add_k")
+
+
+def next_dist(model: NGramModel, context: str) -> np.ndarray:
+    """(V,) distribution of the symbol after ``context``: the table sample/log_prob share.
+
+    White-box on purpose: the product only scores and samples, so it has no public query by
+    text context, and the hand computations below check the smoothing through this table.
+    """
+    return model._dist(model._context_ids(context)).copy()
+
+
+def kn(order: int, discount: float) -> NGramModel:
+    return NGramModel(order, "kneser_ney", k=1.0, discount=discount)
+
+
+def add_k(order: int, k: float) -> NGramModel:
+    return NGramModel(order, "add_k", k=k, discount=0.75)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +66,7 @@ CONTEXT_CHARS = [*sorted(set("".join(CORPUS))), "Z", "\n", "€"]  # last three 
 @given(context=st.text(alphabet=st.sampled_from(CONTEXT_CHARS), max_size=12))
 def test_distributions_are_normalized(models, context):
     for model in models.values():
-        p = model.next_distribution(context)
+        p = next_dist(model, context)
         assert p.dtype == np.float64 and p.shape == (len(model.vocab),)
         assert np.all(p > 0)
         assert abs(p.sum() - 1.0) < 1e-12
@@ -55,30 +75,24 @@ def test_distributions_are_normalized(models, context):
 @pytest.mark.parametrize("context", ["", "the ", "the cat", "xyz", "zzzz€", "the cat sat on"])
 def test_named_contexts_are_normalized(models, context):
     for model in models.values():
-        assert abs(model.next_distribution(context).sum() - 1.0) < 1e-12
+        assert abs(next_dist(model, context).sum() - 1.0) < 1e-12
 
 
 def test_only_last_order_minus_one_symbols_matter(models):
     model = models[(3, "kneser_ney")]
-    np.testing.assert_array_equal(
-        model.next_distribution("a long prefix ca"), model.next_distribution("zzca")
-    )
+    np.testing.assert_array_equal(next_dist(model, "a long prefix ca"), next_dist(model, "zzca"))
     # At document start the context is BOS-padded, which differs from seen text.
-    assert not np.array_equal(model.next_distribution("t"), model.next_distribution(" t"))
+    assert not np.array_equal(next_dist(model, "t"), next_dist(model, " t"))
 
 
 @pytest.mark.parametrize("doc", ["the cat sat on the log.", "", "tot", "a dog ✓"])
 def test_log_prob_is_sum_of_next_distribution_logs(models, doc):
     for model in models.values():
         expected = sum(
-            math.log(model.next_distribution(doc[:i])[model.vocab.index(c)])
-            for i, c in enumerate(doc)
+            math.log(next_dist(model, doc[:i])[model.vocab.index(c)]) for i, c in enumerate(doc)
         )
-        expected += math.log(model.next_distribution(doc)[model.eos_id])
+        expected += math.log(next_dist(model, doc)[model.eos_id])
         assert model.log_prob(doc) == pytest.approx(expected, rel=1e-12, abs=1e-12)
-        rows = model.doc_distributions(doc)
-        assert rows.shape == (len(doc) + 1, len(model.vocab))
-        np.testing.assert_array_equal(rows[-1], model.next_distribution(doc))
 
 
 def test_log_prob_of_unseen_char_is_minus_inf(models):
@@ -88,18 +102,18 @@ def test_log_prob_of_unseen_char_is_minus_inf(models):
 
 def test_add_k_order_one_matches_hand_computation():
     # counts a:1, b:2, EOS:2 (N = 5), V = 3, k = 1: p = (c + 1) / (5 + 3)
-    model = NGramModel(order=1, smoothing="add_k", k=1.0).fit(["ab", "b"])
+    model = add_k(1, k=1.0).fit(["ab", "b"])
     assert model.vocab == ["a", "b", EOS]
-    np.testing.assert_allclose(model.next_distribution("whatever"), [2 / 8, 3 / 8, 3 / 8])
+    np.testing.assert_allclose(next_dist(model, "whatever"), [2 / 8, 3 / 8, 3 / 8])
     assert model.log_prob("ba") == pytest.approx(math.log(3 / 8 * 2 / 8 * 3 / 8))
 
 
 def test_add_k_backs_off_to_seen_suffix():
-    model = NGramModel(order=2, smoothing="add_k", k=1.0).fit(["ab", "b"])
+    model = add_k(2, k=1.0).fit(["ab", "b"])
     # context "x" is unseen (and "x" is not even in the vocab) -> unigram add-k
-    np.testing.assert_allclose(model.next_distribution("x"), [2 / 8, 3 / 8, 3 / 8])
+    np.testing.assert_allclose(next_dist(model, "x"), [2 / 8, 3 / 8, 3 / 8])
     # context "a" seen once, followed by b: (c + 1) / (1 + 3)
-    np.testing.assert_allclose(model.next_distribution("a"), [1 / 4, 2 / 4, 1 / 4])
+    np.testing.assert_allclose(next_dist(model, "a"), [1 / 4, 2 / 4, 1 / 4])
 
 
 def test_kneser_ney_matches_hand_computation():
@@ -109,14 +123,14 @@ def test_kneser_ney_matches_hand_computation():
     # P(w | a): c(a b) = 1: P(b|a) = 0.5 / 1 + 0.5 * 1 / 1 * 0.5 = 0.75, others 0.5 * 0.25
     # P(w | BOS): c = {a: 1, b: 1}: P(a) = 0.5/2 + 0.5 * 2/2 * 0.25 = 0.375, P(b) = 0.5,
     #   P(EOS) = 0.125
-    model = NGramModel(order=2, smoothing="kneser_ney", discount=0.5).fit(["ab", "b"])
-    np.testing.assert_allclose(model.next_distribution("a"), [0.125, 0.75, 0.125], rtol=1e-15)
-    np.testing.assert_allclose(model.next_distribution(""), [0.375, 0.5, 0.125], rtol=1e-15)
-    np.testing.assert_allclose(model.next_distribution("€"), [0.25, 0.5, 0.25], rtol=1e-15)
-    order1 = NGramModel(order=1, smoothing="kneser_ney", discount=0.5).fit(["ab", "b"])
+    model = kn(2, discount=0.5).fit(["ab", "b"])
+    np.testing.assert_allclose(next_dist(model, "a"), [0.125, 0.75, 0.125], rtol=1e-15)
+    np.testing.assert_allclose(next_dist(model, ""), [0.375, 0.5, 0.125], rtol=1e-15)
+    np.testing.assert_allclose(next_dist(model, "€"), [0.25, 0.5, 0.25], rtol=1e-15)
+    order1 = kn(1, discount=0.5).fit(["ab", "b"])
     # order 1 uses raw counts (1, 2, 2)/5 discounted, back-off to uniform
     np.testing.assert_allclose(
-        order1.next_distribution(""), [(0.5 + 0.5) / 5, (1.5 + 0.5) / 5, (1.5 + 0.5) / 5]
+        next_dist(order1, ""), [(0.5 + 0.5) / 5, (1.5 + 0.5) / 5, (1.5 + 0.5) / 5]
     )
 
 
@@ -141,9 +155,7 @@ def test_save_load_round_trips_exactly(models, method, tmp_path):
     loaded = NGramModel.load(path)
     assert repr(loaded) == repr(model) and loaded.vocab == model.vocab
     for context in ["", "the c", "a cat and", "zz€", "héllo"]:
-        np.testing.assert_array_equal(
-            loaded.next_distribution(context), model.next_distribution(context)
-        )
+        np.testing.assert_array_equal(next_dist(loaded, context), next_dist(model, context))
     assert loaded.generate(5, seed=1, max_chars=100) == model.generate(5, seed=1, max_chars=100)
 
 
@@ -172,21 +184,24 @@ def test_load_rejects_bad_files(tmp_path, models):
     ],
 )
 def test_argument_validation_names_the_argument(kwargs, name):
+    valid = {"order": 3, "smoothing": "kneser_ney", "k": 0.1, "discount": 0.75}
     with pytest.raises(ValueError, match=rf"^{name} must"):
-        NGramModel(**kwargs)
+        NGramModel(**{**valid, **kwargs})
 
 
 def test_unfitted_and_empty_inputs_raise():
     with pytest.raises(RuntimeError, match="not fitted"):
-        NGramModel().next_distribution("")
+        kn(3, 0.75).log_prob("")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        kn(3, 0.75).generate(1, seed=0, max_chars=10)
     with pytest.raises(ValueError, match="docs is empty"):
-        NGramModel().fit([])
+        kn(3, 0.75).fit([])
 
 
 def test_order_one_sample_entropy_matches_exact_value():
     # For order 1, doc length is geometric: E[-ln p(doc)] = H(p) / p(EOS) exactly.
-    model = NGramModel(order=1, smoothing="add_k", k=0.5).fit(CORPUS)
-    p = model.next_distribution("")
+    model = add_k(1, k=0.5).fit(CORPUS)
+    p = next_dist(model, "")
     exact = -(p * np.log(p)).sum() / p[model.eos_id]
     nll = np.array([-model.log_prob(d) for d in model.generate(4000, seed=0, max_chars=10**6)])
     assert abs(nll.mean() - exact) < 4 * nll.std() / math.sqrt(len(nll))
@@ -200,3 +215,18 @@ def test_self_cross_entropy_agrees_between_independent_samples(models):
     assert abs(a - b) / a < 0.05
     # The model fits its own samples better than the uniform distribution does.
     assert a < math.log2(len(model.vocab))
+
+
+def test_no_defaults_that_params_yaml_owns():
+    """`synthesize.mimic` owns order/smoothing/k/discount/max_chars: the library has none."""
+    owned = {f.name for f in dataclasses.fields(MimicConfig)}
+    params = {
+        **inspect.signature(NGramModel).parameters,
+        "max_chars": inspect.signature(NGramModel.sample).parameters["max_chars"],
+    }
+    assert owned == set(params) - {"self"}
+    for name in owned:
+        assert params[name].default is inspect.Parameter.empty, f"{name} has a default"
+    assert inspect.signature(NGramModel.generate).parameters["max_chars"].default is (
+        inspect.Parameter.empty
+    )

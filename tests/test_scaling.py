@@ -17,8 +17,8 @@ from conftest import cfg_for, make_project, prepared_project
 
 from pipeline.core.errors import LmforgeError
 from pipeline.core.io import tree_md5
-from pipeline.sweep import scaling
-from pipeline.sweep.scaling import SweepError, fit_scaling_law
+from pipeline.sweep import grid, inputs, report
+from pipeline.sweep.fit import SweepError, fit_scaling_law, predict
 
 TRUE = {"E": 1.1, "A": 40.0, "alpha": 0.35, "B": 30.0, "beta": 0.3}
 
@@ -27,7 +27,7 @@ def law(N, D, p=TRUE):
     return p["E"] + p["A"] / np.asarray(N) ** p["alpha"] + p["B"] / np.asarray(D) ** p["beta"]
 
 
-def grid(n_sizes: int = 5, n_budgets: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def nd_grid(n_sizes: int = 5, n_budgets: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """N in [1e4, 1e6] x D in [1e5, 1e7], log-spaced: shapes (n_sizes * n_budgets,)."""
     n = np.geomspace(1e4, 1e6, n_sizes)
     d = np.geomspace(1e5, 1e7, n_budgets)
@@ -40,7 +40,7 @@ def grid(n_sizes: int = 5, n_budgets: int = 5) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_fit_recovers_known_parameters_from_noisy_data():
-    N, D = grid()
+    N, D = nd_grid()
     L = law(N, D) + np.random.default_rng(0).normal(0, 1e-3, N.size)  # ~1 mbit/byte noise
     fit = fit_scaling_law(N, D, L)
     assert fit["E"] == pytest.approx(TRUE["E"], abs=0.02)
@@ -54,7 +54,7 @@ def test_fit_recovers_known_parameters_from_noisy_data():
     res = fit["residuals"]
     assert len(res) == N.size
     assert all(math.isclose(r["residual"], r["loss"] - r["fit"]) for r in res)
-    assert np.allclose(scaling.predict(fit, N, D), [r["fit"] for r in res])
+    assert np.allclose(predict(fit, N, D), [r["fit"] for r in res])
 
 
 def test_fit_is_exact_on_a_noiseless_3x3_grid_like_the_sweep():
@@ -97,14 +97,14 @@ def test_bad_point_is_named_in_the_error():
 def test_grid_points_write_only_to_their_own_folders(tmp_path):
     root = make_project(tmp_path / "proj")  # the ci preset: 3 sizes x 3 budgets
     cfg = cfg_for(root)
-    points = scaling.expand_grid(cfg)
+    points = grid.expand_grid(cfg)
     assert len(points) == 9 and len({p.name for p in points}) == 9
-    scaling.check_isolated(cfg, points)
+    grid.check_isolated(cfg, points)
     main = {(root / v).resolve() for v in dataclasses.asdict(cfg.paths).values()}
     main_report = cfg.path("reports") / "pretrain.json"
     seen: set[Path] = set()
     for p in points:
-        pc = cfg_for(root, *scaling.point_overrides(p, cfg))
+        pc = cfg_for(root, *grid.point_overrides(p, cfg))
         mine = [pc.path("pretrain"), pc.path("checkpoints"), pc.path("reports")]
         assert not {m.resolve() for m in mine} & main
         assert not {m.resolve() for m in mine} & seen  # no two points share a folder
@@ -126,10 +126,10 @@ def test_overlapping_paths_and_duplicate_sizes_are_rejected(tmp_path):
     root = make_project(tmp_path / "proj")
     cfg = cfg_for(root, "paths.checkpoints=models")  # would hold models/sweep/...
     with pytest.raises(SweepError, match=r"overlaps paths\.checkpoints"):
-        scaling.check_isolated(cfg, scaling.expand_grid(cfg))
+        grid.check_isolated(cfg, grid.expand_grid(cfg))
     twice = "sweep.sizes=[{n_layer: 1, n_head: 1, n_embd: 16}, {n_layer: 1, n_head: 1, n_embd: 16}]"
     with pytest.raises(SweepError, match=r"sweep.sizes\[1\].*repeats sweep.sizes\[0\]"):
-        scaling.expand_grid(cfg_for(root, twice))
+        grid.expand_grid(cfg_for(root, twice))
 
 
 def test_plan_rejects_bad_sizes_before_any_training(tmp_path):
@@ -141,20 +141,20 @@ def test_plan_rejects_bad_sizes_before_any_training(tmp_path):
     with pytest.raises(
         SweepError, match=r"(?s)l1-h3-e16-s10: .*model\.n_embd: 16 is not divisible"
     ):
-        scaling.plan_points(cfg, scaling.expand_grid(cfg), None, [bad_heads], 300)
+        grid.plan_points(cfg, grid.expand_grid(cfg), None, [bad_heads], 300)
     # n_head does not change N: two sizes that differ only in heads are one size to the fit
     same_n = (
         "sweep.sizes=[{n_layer: 1, n_head: 1, n_embd: 16}, {n_layer: 1, n_head: 2, n_embd: 16}]"
     )
     cfg = cfg_for(root, same_n)
     with pytest.raises(SweepError, match=r"sweep grid: 3 distinct \(N, D\) points"):
-        scaling.plan_points(cfg, scaling.expand_grid(cfg), None, [same_n], 300)
+        grid.plan_points(cfg, grid.expand_grid(cfg), None, [same_n], 300)
 
 
 def test_missing_shards_say_how_to_build_them(tmp_path):
     cfg = cfg_for(make_project(tmp_path / "proj"))
     with pytest.raises(SweepError, match="dvc repro tokenizer"):
-        scaling.require_tokenizer(cfg)
+        inputs.require_tokenizer(cfg)
 
 
 def test_data_config_mismatch_names_the_keys(tmp_path):
@@ -162,37 +162,37 @@ def test_data_config_mismatch_names_the_keys(tmp_path):
     built = cfg_for(root, "tokenizer.vocab_size=400")
     (root / "data" / "tokenizer").mkdir(parents=True)
     (root / "data" / "tokenizer" / "config.yaml").write_text(built.to_yaml())
-    assert scaling.data_config_mismatch(cfg_for(root, "model.n_layer=3")) == [
+    assert inputs.data_config_mismatch(cfg_for(root, "model.n_layer=3")) == [
         "tokenizer.vocab_size: shards 400, sweep 512"
     ]
 
 
 def test_entropy_comparison_is_honest_both_ways():
     est = {"bits_per_byte": 0.5, "stderr": 0.01}
-    above = scaling.entropy_comparison({"E": 0.6, "at_bound": []}, est, "story world")
+    above = report.entropy_comparison({"E": 0.6, "at_bound": []}, est, "story world")
     assert above["E_minus_H"] == pytest.approx(0.1) and "as expected" in above["note"]
-    below = scaling.entropy_comparison({"E": 0.0, "at_bound": ["E"]}, est, "story world")
+    below = report.entropy_comparison({"E": 0.0, "at_bound": ["E"]}, est, "story world")
     assert "undershoots" in below["note"] and "bound" in below["note"]
-    none = scaling.entropy_comparison({"E": 0.6, "at_bound": []}, None, "not the story world")
+    none = report.entropy_comparison({"E": 0.6, "at_bound": []}, None, "not the story world")
     assert none["H_bits_per_byte"] is None and none["note"] == "not the story world"
 
 
 def test_report_and_plot_from_a_fit(tmp_path):
-    N, D = grid(3, 3)
+    N, D = nd_grid(3, 3)
     rows = [
         {"point": f"p{i}", "n_layer": 1, "n_head": 1, "n_embd": 16, "steps": int(d // 100)}
         | {"N": int(n), "D": int(d), "val_bpb": float(y)}
         for i, (n, d, y) in enumerate(zip(N, D, law(N, D), strict=True))
     ]
     fit = fit_scaling_law(N, D, law(N, D), [r["point"] for r in rows])
-    comparison = scaling.entropy_comparison(fit, {"bits_per_byte": 1.0, "stderr": 0.01}, "sw")
-    md = scaling.report_markdown(rows, fit, comparison, [{"point": "p9", "error": "boom"}])
+    comparison = report.entropy_comparison(fit, {"bits_per_byte": 1.0, "stderr": 0.01}, "sw")
+    md = report.report_markdown(rows, fit, comparison, [{"point": "p9", "error": "boom"}])
     assert (
         len(re.findall(r"\n\| p\d ", md)) == 10
         and "| alpha | 0.35 |" in md
         and "E − H: +0.1000" in md
     )
-    png = scaling.scaling_plot_png(rows, fit, tmp_path / "plots" / "scaling.png", 1.0)
+    png = report.scaling_plot_png(rows, fit, tmp_path / "plots" / "scaling.png", 1.0)
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -11,6 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.config import load_config
+from pipeline.config.schema import StoryWorldConfig
+from pipeline.data.ingest import storyworld_spec
 from pipeline.data.storyworld import (
     DEFAULT_EVENT_WEIGHTS,
     QA,
@@ -19,12 +23,31 @@ from pipeline.data.storyworld import (
     generate,
 )
 
+# The wide spec most tests use (the old library defaults: 24 names, 24 objects, 16 places).
+# StoryWorldSpec has no defaults, since params.yaml owns them, so tests say what they use.
+WIDE_FIELDS: dict = {
+    "num_characters": 24,
+    "num_objects": 24,
+    "num_places": 16,
+    "min_sentences": 3,
+    "max_sentences": 12,
+    "stop_prob": 0.2,
+    "max_cast": 3,
+}
+WIDE = StoryWorldSpec(**WIDE_FIELDS)
+
+
+def spec_with(**overrides) -> StoryWorldSpec:
+    """WIDE with some fields replaced."""
+    return StoryWorldSpec(**{**WIDE_FIELDS, **overrides})
+
+
 # Small enough to enumerate every story (5,340 of them), big enough for go/arrive/find/react.
-TINY = StoryWorldSpec(
+TINY = spec_with(
     num_characters=2, num_objects=1, num_places=2, min_sentences=1, max_sentences=3, max_cast=2
 )
 # One place, so everyone meets: enumerates gifts, losses, re-finds and reactions (15,624).
-MEETING = StoryWorldSpec(
+MEETING = spec_with(
     num_characters=2,
     num_objects=1,
     num_places=1,
@@ -33,7 +56,7 @@ MEETING = StoryWorldSpec(
     max_cast=2,
     event_weights={**dict(DEFAULT_EVENT_WEIGHTS), "play": 0.0},
 )
-# Hand-built story over the default spec; its probability is worked out in
+# Hand-built story over the WIDE spec; its probability is worked out in
 # test_hand_built_story_probability.
 HAND_BUILT = (
     "Mia was in the park. Tom came to the park. Because Mia was surprised, she waved. "
@@ -43,7 +66,7 @@ HAND_BUILT = (
 
 @pytest.fixture(scope="module")
 def world() -> StoryWorld:
-    return StoryWorld(StoryWorldSpec())
+    return StoryWorld(WIDE)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +205,7 @@ def test_truncation_at_a_sentence_boundary_is_a_shorter_valid_story(world: Story
 
 
 def test_extra_sentence_beyond_max_is_invalid() -> None:
-    spec = StoryWorldSpec(min_sentences=3, max_sentences=3)
+    spec = spec_with(min_sentences=3, max_sentences=3)
     world = StoryWorld(spec)
     text = "Mia was in the park. Mia went to the zoo. Mia went to the park."
     assert world.is_valid(text)
@@ -191,7 +214,7 @@ def test_extra_sentence_beyond_max_is_invalid() -> None:
 
 
 def test_words_outside_the_spec_are_invalid() -> None:
-    world = StoryWorld(StoryWorldSpec(num_characters=2, num_places=2, min_sentences=1))
+    world = StoryWorld(spec_with(num_characters=2, num_places=2, min_sentences=1))
     assert world.is_valid("Mia was in the garden.")
     assert not world.is_valid("Lily was in the garden.")  # third name
     assert not world.is_valid("Mia was in the kitchen.")  # third place
@@ -199,7 +222,7 @@ def test_words_outside_the_spec_are_invalid() -> None:
 
 # ---- text format and determinism ---------------------------------------------------------
 def test_texts_are_plain_single_line_sentences(world: StoryWorld) -> None:
-    for story in generate(StoryWorldSpec(), 300, seed=5):
+    for story in generate(WIDE, 300, seed=5):
         text = story.text
         assert text.isascii() and "\n" not in text and text == text.strip()
         assert "  " not in text and text.endswith(".")
@@ -208,7 +231,7 @@ def test_texts_are_plain_single_line_sentences(world: StoryWorld) -> None:
 
 
 def test_generate_is_deterministic_and_leaves_global_rng_alone() -> None:
-    spec = StoryWorldSpec()
+    spec = WIDE
     random.seed(99)
     expected_global = random.random()
     random.seed(99)
@@ -298,10 +321,26 @@ def test_repeated_feelings_are_not_asked_about(world: StoryWorld) -> None:
 )
 def test_spec_validation_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=rf"StoryWorldSpec\.{field} must"):
-        StoryWorldSpec(**kwargs)
+        spec_with(**kwargs)
 
 
 def test_event_weights_mapping_is_normalised() -> None:
-    spec = StoryWorldSpec(event_weights=dict(DEFAULT_EVENT_WEIGHTS))
-    assert spec == StoryWorldSpec()
-    assert hash(spec) == hash(StoryWorldSpec())
+    spec = spec_with(event_weights=dict(DEFAULT_EVENT_WEIGHTS))
+    assert spec == WIDE
+    assert hash(spec) == hash(WIDE)
+
+
+def test_spec_has_no_defaults_that_params_yaml_owns(project) -> None:
+    """Every `storyworld:` key is a required StoryWorldSpec field, filled from the config."""
+    owned = [f.name for f in dataclasses.fields(StoryWorldConfig)]
+    fields = {f.name: f for f in dataclasses.fields(StoryWorldSpec)}
+    for name in owned:
+        assert fields[name].default is dataclasses.MISSING, f"StoryWorldSpec.{name} has a default"
+    with pytest.raises(TypeError):
+        StoryWorldSpec()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        StoryWorld()  # type: ignore[call-arg]
+    cfg = load_config(project, overrides=["storyworld.num_places=7", "storyworld.stop_prob=0.3"])
+    spec = storyworld_spec(cfg)
+    assert (spec.num_places, spec.stop_prob) == (7, 0.3)
+    assert {n: getattr(spec, n) for n in owned} == dataclasses.asdict(cfg.storyworld)

@@ -65,7 +65,7 @@ def length_distance(a_lengths: Iterable[float], b_lengths: Iterable[float]) -> f
     s times the other's, the distance is about ``|ln s|`` (0.1 ~ lengths 10% off; 0.69 ~ a
     factor of 2). It is 0 for identical distributions, symmetric, and grows smoothly with a
     shift, unlike the KS statistic, which saturates at 1 once the supports separate.
-    Lengths are meant to be UTF-8 byte lengths (see ``doc_lengths``).
+    Lengths are meant to be UTF-8 byte lengths.
     """
     a, b = _log_lengths(a_lengths, "a_lengths"), _log_lengths(b_lengths, "b_lengths")
     grid = np.sort(np.concatenate([a, b]))  # (Na + Nb,)
@@ -81,11 +81,6 @@ def _log_lengths(lengths: Iterable[float], name: str) -> np.ndarray:
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
         raise ValueError(f"length_distance: {name} must be finite and >= 0")
     return np.sort(np.log1p(arr))
-
-
-def doc_lengths(docs: Iterable[str]) -> list[int]:
-    """UTF-8 byte length of each document."""
-    return [len(doc.encode("utf-8", "surrogatepass")) for doc in docs]
 
 
 # ---------------------------------------------------------------------------- contamination
@@ -141,9 +136,10 @@ class NGramIndex:
     Built from the validation and test splits. Only 64-bit hashes are kept, in sorted
     ``uint64`` arrays (8 bytes per n-gram, about 7x less than a Python set of ints), so the
     index stays small for large reference sets. Empty documents (no words) are ignored.
+    ``n`` has no default: ``synthesize.contamination_ngram`` in params.yaml owns it.
     """
 
-    def __init__(self, reference_docs: Iterable[str], n: int = 13) -> None:
+    def __init__(self, reference_docs: Iterable[str], n: int) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
         self.n = n
@@ -201,32 +197,3 @@ class NGramIndex:
         if len(report.examples) < max_report:
             example.text = example.text[:300]
             report.examples.append(example)
-
-
-# ---------------------------------------------------------------------------------- summary
-def drift_report(
-    synthetic_docs: Iterable[str],
-    real_docs: Iterable[str],
-    reference_docs: Iterable[str] | None = None,
-    n: int = 13,
-    smoothing: float = 1e-6,
-    max_report: int = 20,
-) -> dict[str, Any]:
-    """JSON-friendly drift numbers of ``synthetic_docs`` against ``real_docs``.
-
-    ``reference_docs`` (the validation + test splits) enable the contamination check.
-    """
-    synthetic, real = list(synthetic_docs), list(real_docs)
-    syn_len, real_len = doc_lengths(synthetic), doc_lengths(real)
-    out: dict[str, Any] = {
-        "n_synthetic": len(synthetic),
-        "n_real": len(real),
-        "unigram_kl_bits": unigram_kl(synthetic, real, smoothing),
-        "length_w1_log": length_distance(syn_len, real_len),
-        "mean_bytes_synthetic": float(np.mean(syn_len)),
-        "mean_bytes_real": float(np.mean(real_len)),
-    }
-    if reference_docs is not None:
-        index = NGramIndex(reference_docs, n=n)
-        out["contamination"] = index.find_leaks(synthetic, max_report).to_dict()
-    return out

@@ -67,18 +67,14 @@ class NGramModel:
 
     Args:
         order: n of the n-gram (>= 1); the context is the last ``order - 1`` symbols.
-        smoothing: ``"kneser_ney"`` (default) or ``"add_k"``.
+        smoothing: ``"kneser_ney"`` or ``"add_k"``.
         k: add-k pseudo-count (> 0), used by ``add_k``.
         discount: absolute discount D in (0, 1), used by ``kneser_ney``.
+
+    No argument has a default: ``synthesize.mimic`` in params.yaml owns them all.
     """
 
-    def __init__(
-        self,
-        order: int = 5,
-        smoothing: Smoothing = "kneser_ney",
-        k: float = 1.0,
-        discount: float = 0.75,
-    ) -> None:
+    def __init__(self, order: int, smoothing: Smoothing, k: float, discount: float) -> None:
         if isinstance(order, bool) or not isinstance(order, int) or order < 1:
             raise ValueError(f"order must be an integer >= 1, got {order!r}")
         if smoothing not in ("kneser_ney", "add_k"):
@@ -194,20 +190,6 @@ class NGramModel:
         self._cache[ctx] = p
         return p
 
-    def next_distribution(self, context: str) -> np.ndarray:
-        """(V,) float64 probabilities of the next symbol after ``context`` (text so far)."""
-        self._require_fit()
-        return self._dist(self._context_ids(context)).copy()
-
-    def doc_distributions(self, doc: str) -> np.ndarray:
-        """(len(doc) + 1, V) next-symbol distributions at every position of ``doc``.
-
-        Row i is the distribution of symbol i given ``doc[:i]``; the last row predicts EOS.
-        This is what an exact KL against a trained LM on the same text needs.
-        """
-        self._require_fit()
-        return np.stack([self._dist(self._context_ids(doc[:i])) for i in range(len(doc) + 1)])
-
     def log_prob(self, doc: str) -> float:
         """Exact natural-log probability of ``doc`` followed by EOS (-inf if unseen char)."""
         self._require_fit()
@@ -246,7 +228,7 @@ class NGramModel:
             self._cdf_cache[ctx] = cdf
         return cdf
 
-    def sample(self, rng: np.random.Generator, max_chars: int = 10_000) -> str:
+    def sample(self, rng: np.random.Generator, max_chars: int) -> str:
         """Sample one document: symbols until EOS, or stop after ``max_chars`` characters.
 
         A truncated sample is not drawn from the model's distribution (its EOS was never
@@ -266,7 +248,7 @@ class NGramModel:
                 ctx = (*ctx[1:], i)
         return "".join([self.vocab[i] for i in out])
 
-    def generate(self, num_docs: int, seed: int, max_chars: int = 10_000) -> list[str]:
+    def generate(self, num_docs: int, seed: int, max_chars: int) -> list[str]:
         """``num_docs`` samples from one ``np.random.default_rng(seed)``: same seed, same docs."""
         rng = np.random.default_rng(seed)
         return [self.sample(rng, max_chars) for _ in range(num_docs)]

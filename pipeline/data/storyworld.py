@@ -115,15 +115,18 @@ class StoryWorldSpec:
 
     ``min_sentences``/``max_sentences`` count sentences including the opening one.
     ``event_weights`` may be given as a mapping; it is normalised to ``(kind, weight)`` pairs.
+    The first seven fields have no default on purpose: ``storyworld:`` in params.yaml owns
+    them (``pipeline.data.ingest.storyworld_spec`` builds the pipeline's spec from it), and a
+    second default here would silently disagree with it.
     """
 
-    num_characters: int = 24
-    num_objects: int = 24
-    num_places: int = 16
-    min_sentences: int = 3
-    max_sentences: int = 12
-    stop_prob: float = 0.2
-    max_cast: int = 3
+    num_characters: int
+    num_objects: int
+    num_places: int
+    min_sentences: int
+    max_sentences: int
+    stop_prob: float
+    max_cast: int
     event_weights: tuple[tuple[str, float], ...] = DEFAULT_EVENT_WEIGHTS
 
     def __post_init__(self) -> None:
@@ -287,8 +290,8 @@ def _article(obj: str) -> str:
 class StoryWorld:
     """Sampler, exact scorer, enumerator and QA generator for one ``StoryWorldSpec``."""
 
-    def __init__(self, spec: StoryWorldSpec | None = None) -> None:
-        self.spec = spec or StoryWorldSpec()
+    def __init__(self, spec: StoryWorldSpec) -> None:
+        self.spec = spec
         self.names = tuple(n for n, _ in NAMES[: self.spec.num_characters])
         self.pron = dict(NAMES[: self.spec.num_characters])
         self.objects = OBJECTS[: self.spec.num_objects]

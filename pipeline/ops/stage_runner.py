@@ -4,7 +4,9 @@
 
 Exit codes: 0 success, 1 the stage rejected its input (gate failure, bad data or checkpoint),
 2 bad configuration, 75 a transient failure worth retrying (e.g. the tracking server is
-unreachable; the flow retries only these).
+unreachable; the flow retries only these), or the `exit_code` of the LmforgeError raised
+(143: pretrain stopped by SIGTERM after saving a checkpoint). `lmforge stage <name>` calls
+the stage's `main()`, hence this function, so both ways of running a stage give one code.
 """
 
 from __future__ import annotations
