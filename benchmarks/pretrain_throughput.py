@@ -34,9 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.model.gpt import GPT, PRESETS, GPTConfig, configure_optimizer, mfu, peak_flops  # noqa: E402
+from pipeline.model.gpt import GPT, PRESETS, GPTConfig  # noqa: E402
 from pipeline.stages import pretrain  # noqa: E402
 from pipeline.text.shards import ShardWriter, token_dtype, write_meta  # noqa: E402
+from pipeline.train.mfu import mfu, peak_flops  # noqa: E402
+from pipeline.train.optim import configure_optimizer  # noqa: E402
 
 
 def make_shards(folder: Path, vocab: int, tokens: int, seed: int = 0) -> None:

@@ -14,21 +14,17 @@ from torch.nn import functional as F
 
 from pipeline.model.gpt import (
     GPT,
-    PEAK_FLOPS,
     PRESETS,
     GPTConfig,
     analytic_num_params,
     apply_rope,
     attention_reference,
-    configure_optimizer,
-    flops_per_token,
-    mfu,
     padded_vocab,
-    peak_flops,
-    peak_flops_for_name,
     rope_tables,
     sinusoidal_table,
 )
+from pipeline.train.mfu import PEAK_FLOPS, flops_per_token, mfu, peak_flops, peak_flops_for_name
+from pipeline.train.optim import configure_optimizer
 
 POS = ["learned", "sinusoidal", "rotary"]
 

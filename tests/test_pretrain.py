@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,13 @@ from conftest import REPO, cfg_for, prepared_project
 from pipeline.core.io import tree_md5
 from pipeline.core.seeding import derive_seed
 from pipeline.model.gpt import GPT
+from pipeline.model.load import CheckpointError, load_weights, read_model_files
 from pipeline.stages import pretrain, synthesize, tokenizer, validate
 from pipeline.text.shards import load_split, read_meta
 from pipeline.text.tokenizer import load_tokenizer
 from pipeline.train import checkpoint as ckpt
+from pipeline.train import loop
 from pipeline.train.batches import eval_batches
-from pipeline.train.checkpoint import CheckpointError
 
 TINY = [
     "model.n_layer=2",
@@ -70,16 +70,16 @@ def losses(cfg) -> list[float]:
 def test_lr_schedule_warms_up_then_decays(tokenized):
     cfg = run_cfg(tokenized, "lr", "pretrain.max_steps=100", "pretrain.warmup_steps=10")
     p = cfg.pretrain
-    assert pretrain.lr_at(0, cfg) == pytest.approx(p.lr / 10)
-    assert pretrain.lr_at(9, cfg) == pytest.approx(p.lr)
-    assert pretrain.lr_at(55, cfg) == pytest.approx((p.lr + p.min_lr) / 2)
-    assert pretrain.lr_at(100, cfg) == pytest.approx(p.min_lr)
+    assert loop.lr_at(0, cfg) == pytest.approx(p.lr / 10)
+    assert loop.lr_at(9, cfg) == pytest.approx(p.lr)
+    assert loop.lr_at(55, cfg) == pytest.approx((p.lr + p.min_lr) / 2)
+    assert loop.lr_at(100, cfg) == pytest.approx(p.min_lr)
 
 
 def test_tokens_per_step_must_divide(tokenized):
     cfg = run_cfg(tokenized, "acc", "pretrain.tokens_per_step=300")
     with pytest.raises(ValueError, match=r"pretrain\.tokens_per_step: 300 is not a multiple of"):
-        pretrain.grad_accum_steps(cfg, 1)
+        loop.grad_accum_steps(cfg, 1)
 
 
 def test_training_writes_model_report_and_curve(tokenized):
@@ -88,7 +88,7 @@ def test_training_writes_model_report_and_curve(tokenized):
     assert report["steps"] == 12 and math.isfinite(report["val_bpb"])
     curve = losses(cfg)
     assert len(curve) == 12 and curve[-1] < curve[0]
-    weights = ckpt.load_weights(cfg.path("pretrain") / "model.safetensors")
+    weights = load_weights(cfg.path("pretrain") / "model.safetensors")
     model_cfg = json.loads((cfg.path("pretrain") / "model_config.json").read_text())
     assert model_cfg["vocab_size"] % 64 == 0
     from pipeline.model.gpt import GPTConfig
@@ -108,7 +108,7 @@ def test_val_bits_per_byte_use_the_exact_bytes_of_the_scored_tokens(tokenized):
     report = pretrain.run(cfg)
     tok_dir = cfg.path("tokenizer")
     eot, tok = read_meta(tok_dir)["eot_id"], load_tokenizer(tok_dir / "tokenizer.json")
-    gcfg, weights = ckpt.read_model_files(cfg.path("pretrain"))
+    gcfg, weights = read_model_files(cfg.path("pretrain"))
     model = GPT(gcfg)
     model.load_state_dict(weights)
     model.eval()
@@ -137,18 +137,18 @@ def test_resume_after_a_crash_is_bit_identical(tokenized, monkeypatch):
     pretrain.run(straight)
 
     crashed = run_cfg(tokenized, "crashed")
-    real_step = pretrain.Trainer.train_step
+    real_step = loop.Trainer.train_step
 
     def crash_at_7(self, micro, step):
         if step == 7:
             raise KeyboardInterrupt  # like kill -9: no checkpoint is written at the crash
         return real_step(self, micro, step)
 
-    monkeypatch.setattr(pretrain.Trainer, "train_step", crash_at_7)
+    monkeypatch.setattr(loop.Trainer, "train_step", crash_at_7)
     with pytest.raises(KeyboardInterrupt):
         pretrain.run(crashed)
     assert ckpt.list_checkpoints(crashed.path("checkpoints"))[-1].name == "step_0000004"
-    monkeypatch.setattr(pretrain.Trainer, "train_step", real_step)
+    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
     pretrain.run(crashed)  # resumes at step 4
 
     assert losses(crashed) == losses(straight)  # exact float equality
@@ -171,7 +171,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tokenized, monk
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(pretrain.TrainingDiverged, match="loss is nan at step 5"):
+    with pytest.raises(loop.TrainingDiverged, match="loss is nan at step 5"):
         pretrain.run(cfg)
     (good,) = ckpt.list_checkpoints(cfg.path("checkpoints"))
     assert good.name == "step_0000004"
@@ -203,6 +203,31 @@ def test_optimizer_state_is_never_unpickled(tokenized, tmp_path):
     with pytest.raises(CheckpointError, match=r"optimizer\.pt: unreadable optimizer state"):
         pretrain.run(cfg)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_older_checkpoints_with_a_scheduler_entry_still_resume(tokenized):
+    """state.json no longer holds the write-only `scheduler` (the LR is `lr_at(step)`); a
+    checkpoint of an older version, which has it, resumes all the same, and a state.json
+    that lacks a field is still refused naming the file and the field."""
+    from pipeline.train import distributed
+
+    cfg = run_cfg(tokenized, "oldstate", "pretrain.max_steps=8")
+    info = distributed.init("cpu")
+    saved = loop.build(cfg, info).checkpoint(4)
+    state_path = saved / "state.json"
+    state = json.loads(state_path.read_text())
+    assert "scheduler" not in state
+    state["scheduler"] = {"kind": "warmup_cosine", "last_step": 3}  # as older versions wrote
+    state["history"] = [{"step": 3, "loss": 5.0}]
+    state_path.write_text(json.dumps(state))
+
+    resumed = loop.build(cfg, info)
+    assert resumed.start_step == 4 and resumed.history == state["history"]
+
+    del state["rng"]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"step_0000004/state\.json: unreadable .*'rng'"):
+        ckpt.read_state(saved)
 
 
 def stage_cmd(root: Path, *sets: str, nproc: int = 0) -> list[str]:
@@ -240,9 +265,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenized):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(8)  # torch import + a few hundred steps
+    # Wait for the first evaluation's log line (step 4): training is under way, so the
+    # SIGTERM handler is installed, however slow the machine is (no fixed sleep).
+    head = []
+    for line in proc.stderr:
+        head.append(line)
+        if "val_loss" in line:
+            break
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, tail = proc.communicate(timeout=300)
+    err = "".join(head) + tail
     assert proc.returncode == 143, err
     assert "SIGTERM at step" in err and "Traceback" not in err
     step = int(err.split("SIGTERM at step ")[1].split(";")[0])
@@ -251,7 +283,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenized):
     assert saved.name == f"step_{step:07d}"
     from pipeline.train import distributed
 
-    trainer = pretrain.build(cfg, distributed.init("cpu"))
+    trainer = loop.build(cfg, distributed.init("cpu"))
     assert trainer.start_step == step  # a re-run resumes there
 
 

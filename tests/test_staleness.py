@@ -24,6 +24,7 @@ from pipeline.config.params_file import apply_to_params
 from pipeline.core.io import file_md5
 from pipeline.stages import pretrain, synthesize, tokenizer, validate
 from pipeline.train import checkpoint as ckpt
+from pipeline.train import resume
 
 TINY = [
     "model.n_layer=2",
@@ -72,7 +73,7 @@ def weights_md5(cfg) -> str:
 def test_digest_covers_what_shapes_the_trajectory_and_nothing_else(project):
     def digest(*overrides: str, data=FAKE_DATA, world: int = 1, device: str = "cpu") -> str:
         cfg = cfg_for(project, *overrides)
-        return pretrain.training_digest(pretrain.digest_inputs(cfg, data, world, device))
+        return resume.training_digest(resume.digest_inputs(cfg, data, world, device))
 
     base = digest()
     same = [

@@ -1,0 +1,1 @@
+"""The GPT (KV cache included), decoding, and loading a model folder."""

@@ -19,12 +19,11 @@ Choices worth stating:
   above the tokenizer's real size are never targets, so training pushes their logits down.
   Evaluation code that wants exact probabilities over the real vocabulary slices the logits.
 
-Also here: exact parameter counts (`num_params` / `analytic_num_params`), the MFU formula
-(`flops_per_token`, `peak_flops`, `mfu`) and the AdamW parameter grouping
-(`configure_optimizer`), and `KVCache`, the per-layer key/value store that lets
-`GPT.forward(idx, cache=cache)` decode incrementally (pipeline/model/generate.py uses it).
-The module
-imports only torch and the standard library, because the GPU benchmark machine has nothing else.
+Also here: exact parameter counts (`num_params` / `analytic_num_params`) and `KVCache`, the
+per-layer key/value store that lets `GPT.forward(idx, cache=cache)` decode incrementally
+(pipeline/model/generate.py uses it). The MFU formula lives in pipeline/train/mfu.py and the
+AdamW parameter grouping in pipeline/train/optim.py. The module imports only torch and the
+standard library, because the GPU benchmark machine has nothing else.
 """
 
 from __future__ import annotations
@@ -471,90 +470,3 @@ def analytic_num_params(cfg: GPTConfig, exclude_position: bool = True) -> int:
     if cfg.pos_encoding == "learned" and not exclude_position:
         n += cfg.block_size * d
     return n
-
-
-# --------------------------------------------------------------------------------------
-# FLOPs and MFU
-# --------------------------------------------------------------------------------------
-
-# Dense (no sparsity) tensor-core peaks in FLOP/s from NVIDIA's datasheets. bf16 and fp16 share
-# a peak; "tf32" is fp32 matmuls with TF32 allowed, "fp32" without.
-PEAK_FLOPS: dict[str, float] = {
-    "h100-sxm-bf16": 989e12, "h100-sxm-tf32": 494.5e12, "h100-sxm-fp32": 66.9e12,
-    "h100-pcie-bf16": 756e12, "h100-pcie-tf32": 378e12, "h100-pcie-fp32": 51.2e12,
-    "h100-nvl-bf16": 835e12, "h100-nvl-tf32": 417.5e12, "h100-nvl-fp32": 60.0e12,
-    "h200-bf16": 989e12, "h200-tf32": 494.5e12, "h200-fp32": 66.9e12,
-    "a100-bf16": 312e12, "a100-tf32": 156e12, "a100-fp32": 19.5e12,
-    "l40s-bf16": 362e12, "l40s-tf32": 183e12, "l40s-fp32": 91.6e12,
-}  # fmt: skip
-
-# Substrings of torch.cuda.get_device_name(), checked in order (H200 and H100 PCIe/NVL first).
-_GPU_NAMES = (("H200", "h200"), ("H100 PCIe", "h100-pcie"), ("H100 NVL", "h100-nvl"),
-              ("H100", "h100-sxm"), ("A100", "a100"), ("L40S", "l40s"))  # fmt: skip
-
-
-def flops_per_token(cfg: GPTConfig, n_params: int | None = None) -> float:
-    """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM appendix B, as in nanoGPT).
-
-    6N is forward+backward through the weight matmuls (N without position embeddings, from
-    `analytic_num_params` when not given); 12·L·H·Q·T is attention's QKᵀ and AV at context T.
-    """
-    n = analytic_num_params(cfg) if n_params is None else n_params
-    L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_size, cfg.block_size
-    return 6.0 * n + 12.0 * L * H * Q * T
-
-
-def peak_flops_for_name(device_name: str, dtype: torch.dtype, tf32: bool = True) -> float | None:
-    """Peak FLOP/s of a GPU named like torch.cuda.get_device_name(); None when unknown."""
-    if dtype in (torch.bfloat16, torch.float16):
-        kind = "bf16"
-    elif dtype == torch.float32:
-        kind = "tf32" if tf32 else "fp32"
-    else:
-        return None
-    for needle, key in _GPU_NAMES:
-        if needle.lower() in device_name.lower():
-            return PEAK_FLOPS.get(f"{key}-{kind}")
-    return None
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Peak FLOP/s of the CUDA device for matmuls in `dtype`; None on CPU or an unknown GPU."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    tf32 = torch.get_float32_matmul_precision() != "highest"  # "high"/"medium" allow TF32
-    return peak_flops_for_name(torch.cuda.get_device_name(device), dtype, tf32=tf32)
-
-
-def mfu(tokens_per_s: float, cfg: GPTConfig, n_params: int | None, peak: float) -> float:
-    """Model FLOPs utilisation: achieved training FLOP/s over the hardware peak (0..1)."""
-    if peak <= 0:
-        raise ValueError(f"peak FLOP/s must be > 0, got {peak!r}")
-    return tokens_per_s * flops_per_token(cfg, n_params) / peak
-
-
-# --------------------------------------------------------------------------------------
-# Optimizer
-# --------------------------------------------------------------------------------------
-
-
-def configure_optimizer(
-    model: nn.Module,
-    weight_decay: float,
-    lr: float,
-    betas: tuple[float, float],
-    device_type: str,
-) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only (parameters with dim >= 2).
-
-    Decaying biases and LayerNorm gains only pulls them towards 0 (gains should sit near 1)
-    without regularising anything; `fused=True` on CUDA runs the update as one kernel.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weight listed once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")

@@ -1,0 +1,1 @@
+"""Training: the loop, optimizer, batches, distributed wrapping, checkpoints, SAM, MFU."""

@@ -3,12 +3,14 @@
 A checkpoint is a folder `step_<N>/` holding
 
 - `model.safetensors`: the full (unsharded) weights; tied tensors are stored once and
-  their aliases listed in the file's metadata;
+  their aliases listed in the file's metadata (`pipeline.model.load.save_weights`, the
+  format of every model folder);
 - `optimizer.pt`: the optimizer state (tensors, numbers and names only), read back with
   `torch.load(weights_only=True)`, which refuses arbitrary pickled objects;
-- `state.json`: step (the data position: batches are a function of the step), the
-  scheduler's state, RNG states, the loss history so far, and the training digest with
-  the inputs it was computed from (data digests, config, world size, device);
+- `state.json`: step (the data position and the LR: both are functions of the step), RNG
+  states, the loss history so far, and the training digest with the inputs it was
+  computed from (data digests, config, world size, device). Keys that this version does
+  not know are ignored on reading (older versions wrote a `scheduler` entry);
 - `config.yaml`: the resolved config.
 
 A folder of checkpoints belongs to one trajectory at a time: `save` keeps the newest
@@ -26,13 +28,11 @@ import base64
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -41,23 +41,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pipeline.core.errors import LmforgeError
 from pipeline.core.io import atomic_dir, atomic_write_json
+from pipeline.model.load import CheckpointError, load_weights, save_weights
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-class CheckpointError(LmforgeError):
-    """A checkpoint is missing, truncated or corrupt; the message names the file."""
 
 
 @dataclass
 class TrainState:
     """Everything besides weights and optimizer needed to continue the same trajectory."""
 
-    step: int
-    scheduler: dict[str, Any]
+    step: int  # the LR is a function of it (pipeline.train.loop.lr_at): no scheduler state
     rng: dict[str, str]
     history: list[dict[str, float]]
     config_digest: str  # the training digest: a run resumes only a checkpoint of its own
@@ -81,43 +76,6 @@ def set_rng_state(state: dict[str, str]) -> None:
     torch.set_rng_state(tensor(state["cpu"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensor(state["cuda"]))
-
-
-def _dedupe_tied(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop tensors that share storage with an earlier key; return {alias: kept key}."""
-    seen: dict[tuple[int, int], str] = {}
-    kept, aliases = {}, {}
-    for k, v in sd.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset())
-        if key in seen:
-            aliases[k] = seen[key]
-        else:
-            seen[key] = k
-            kept[k] = v.contiguous()
-    return kept, aliases
-
-
-def save_weights(path: Path, sd: dict[str, torch.Tensor]) -> None:
-    """Write a state dict as safetensors, storing tied tensors once."""
-    kept, aliases = _dedupe_tied(sd)
-    save_file(kept, str(path), metadata={"aliases": json.dumps(aliases)})
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Read weights written by `save_weights`, restoring tied aliases; clear errors."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
-    try:
-        sd = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    for alias, key in aliases.items():
-        sd[alias] = sd[key]
-    return sd
 
 
 def save(
@@ -168,9 +126,18 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def read_state(ckpt: Path) -> TrainState:
+    """The `state.json` of a checkpoint; keys TrainState does not have are ignored.
+
+    Older versions wrote a `scheduler` entry that nothing read (the LR is a function of
+    the step), so their checkpoints still resume. A missing field is an error naming it.
+    """
     path = ckpt / "state.json"
     try:
-        return TrainState(**json.loads(path.read_text()))
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
+        known = {f.name for f in fields(TrainState)}
+        return TrainState(**{k: v for k, v in raw.items() if k in known})
     except (OSError, json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable training state ({e})") from None
 
@@ -193,20 +160,3 @@ def load(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         raise CheckpointError(f"{ckpt}: does not match the model or optimizer ({e})") from None
     set_rng_state(state.rng)
     return state
-
-
-def read_model_files(folder: Path, weights: Path | None = None, hint: str = "") -> tuple[Any, dict]:
-    """(GPTConfig, state dict) of a model folder: `model_config.json` + safetensors weights.
-
-    `hint` names the stage that writes the folder, for the error when it is missing.
-    """
-    from pipeline.model.gpt import GPTConfig
-
-    config_path = folder / "model_config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: model not found{'; ' + hint if hint else ''}")
-    try:
-        gcfg = GPTConfig(**json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: not a model config ({e})") from None
-    return gcfg, load_weights(weights or folder / "model.safetensors")

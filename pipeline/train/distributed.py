@@ -108,8 +108,3 @@ def any_process(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
