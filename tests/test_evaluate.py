@@ -11,8 +11,11 @@ import pytest
 import torch
 from conftest import cfg_for, prepared_project
 
+from pipeline.data.ingest import storyworld_spec
 from pipeline.data.storyworld import StoryWorld
 from pipeline.eval import lm as M
+from pipeline.eval import scoring
+from pipeline.model.load import load_model
 from pipeline.stages import evaluate, finetune, pretrain, synthesize, tokenizer, validate
 from pipeline.text.shards import read_meta
 from pipeline.text.tokenizer import encode_docs, load_tokenizer, token_byte_lengths
@@ -99,24 +102,24 @@ def test_rerun_gives_the_same_report(finetuned):
 def test_a_model_that_is_the_source_scores_zero_kl(finetuned):
     """The KL path of the stage, fed the source's own bits as the model's, gives exactly 0."""
     cfg = cfg_for(finetuned)
-    world = StoryWorld(evaluate.storyworld_spec(cfg))
+    world = StoryWorld(storyworld_spec(cfg))
     rng = random.Random(0)
     stories = [world.sample(rng) for _ in range(50)]
-    bits = [-s.log_prob / evaluate.LN2 for s in stories]
+    bits = [-s.log_prob / M.LN2 for s in stories]
     kl = M.kl_rate(bits, bits, [len(s.text.encode()) for s in stories])
     assert kl["kl_bits_per_byte"] == 0 and kl["ci_low"] == kl["ci_high"] == 0
 
 
 def test_doc_bits_match_a_token_by_token_computation(finetuned):
     cfg = cfg_for(finetuned)
-    model = evaluate.load_model(cfg.path("finetune"))
+    model = load_model(cfg.path("finetune"))
     ids = [[5, 17, 42], [7, 7]]
-    got = evaluate.doc_bits(model, ids, eot=0)
+    got = scoring.doc_bits(model, ids, eot=0)
     for doc, bits in zip(ids, got, strict=True):
         seq = torch.tensor([[0, *doc, 0]])
         logits, _ = model(seq[:, :-1])
         logp = torch.log_softmax(logits[0], -1)
-        want = -sum(logp[i, t].item() for i, t in enumerate(seq[0, 1:].tolist())) / evaluate.LN2
+        want = -sum(logp[i, t].item() for i, t in enumerate(seq[0, 1:].tolist())) / M.LN2
         assert bits == pytest.approx(want, rel=1e-5)
 
 
@@ -128,14 +131,14 @@ def brute_force_bits(model, seq: list[int]) -> float:
         for t in range(1, len(seq)):
             logits, _ = model(torch.tensor([seq[max(0, t - T) : t]]))  # (1, <=T, V)
             total -= torch.log_softmax(logits[0, -1].double(), -1)[seq[t]].item()
-    return total / evaluate.LN2
+    return total / M.LN2
 
 
 @pytest.mark.parametrize("T", [1, 3, 8])
 def test_scoring_windows_predict_each_token_once_with_full_context(T):
     for n in range(4 * T + 3):
         predicted = []
-        for start, length, first in evaluate.scoring_windows(n, T):
+        for start, length, first in scoring.scoring_windows(n, T):
             assert 1 <= length <= T and start >= 0 and start + length < n
             for j in range(first, length):  # position j predicts token start + j + 1
                 t = start + j + 1
@@ -147,11 +150,11 @@ def test_scoring_windows_predict_each_token_once_with_full_context(T):
 def test_doc_bits_score_a_long_document_whole(finetuned):
     """A document three times the context, scored by the stage, equals the brute force."""
     cfg = cfg_for(finetuned)
-    model = evaluate.load_model(cfg.path("finetune"))
+    model = load_model(cfg.path("finetune"))
     T, V = model.config.block_size, read_meta(cfg.path("tokenizer"))["vocab_size"]
     rng = random.Random(0)
     docs = [[rng.randrange(1, V) for _ in range(n)] for n in (3 * T, T - 1, T, T + 1, 1)]
-    got = evaluate.doc_bits(model, docs, eot=0, batch=7)  # batches mix documents
+    got = scoring.doc_bits(model, docs, eot=0, batch=7)  # batches mix documents
     for doc, bits in zip(docs, got, strict=True):
         want = brute_force_bits(model, [0, *doc, 0])
         assert abs(bits - want) < 1e-4, (len(doc), bits, want)
@@ -160,10 +163,10 @@ def test_doc_bits_score_a_long_document_whole(finetuned):
 def test_test_split_bits_per_byte_use_the_exact_bytes(finetuned):
     """bpb of a whole stream = its total nll / ln 2 / the UTF-8 bytes of its text."""
     cfg = cfg_for(finetuned, "evaluate.test_windows=0")
-    model = evaluate.load_model(cfg.path("finetune"))
+    model = load_model(cfg.path("finetune"))
     tok = load_tokenizer(cfg.path("tokenizer") / "tokenizer.json")
     T = model.config.block_size
-    world = StoryWorld(evaluate.storyworld_spec(cfg))
+    world = StoryWorld(storyworld_spec(cfg))
     rng = random.Random(3)
     texts = [world.sample(rng).text for _ in range(6)] + ["Naïve café, 日本語 🙂."]
     stream = [0]
@@ -172,7 +175,7 @@ def test_test_split_bits_per_byte_use_the_exact_bytes(finetuned):
     windows = -(-(len(stream) - 1) // T)
     stream += [0] * (windows * T + 1 - len(stream))  # separators (0 bytes) fill the last window
     tokens = np.array(stream, dtype=np.uint16)
-    got = evaluate.test_scores(model, tokens, cfg, torch.from_numpy(token_byte_lengths(tok)))
+    got = scoring.test_scores(model, tokens, cfg, torch.from_numpy(token_byte_lengths(tok)))
 
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     nats = 0.0
@@ -182,4 +185,4 @@ def test_test_split_bits_per_byte_use_the_exact_bytes(finetuned):
             logp = torch.log_softmax(model(chunk[None, :-1])[0][0].double(), -1)  # (T, V)
             nats -= logp.gather(1, chunk[1:, None]).sum().item()
     assert got["num_bytes"] == n_bytes and got["tokens_scored"] == len(stream) - 1
-    assert got["bits_per_byte"] == pytest.approx(nats / evaluate.LN2 / n_bytes, rel=1e-6)
+    assert got["bits_per_byte"] == pytest.approx(nats / M.LN2 / n_bytes, rel=1e-6)

@@ -1,0 +1,1 @@
+"""Evaluation: LM scores (CE, bits/byte, KL rate), calibration, generation quality, sharpness."""

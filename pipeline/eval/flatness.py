@@ -1,0 +1,73 @@
+"""The sharpness table of the evaluate report: how flat each fine-tuning method's minimum is.
+
+The measures themselves (epsilon-sharpness, Lanczos extreme Hessian eigenvalues) and the
+sentences that read them (`flatness_verdict`) are in `pipeline/eval/sharpness.py`; this
+module applies them to the weights the finetune stage wrote, on fixed test batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.eval.sharpness import epsilon_sharpness, hessian_extreme_eigenvalues
+from pipeline.model.load import load_model
+from pipeline.train.batches import eval_batches
+
+
+def method_weights(cfg: Config) -> dict[str, Path]:
+    """Final weights per fine-tuning method: `methods/<m>/model.safetensors`, sorted by name.
+
+    A finetune run of one method writes no `methods/` folder; its weights are the folder's
+    own `model.safetensors`, named after `finetune.method`.
+    """
+    folder = cfg.path("finetune")
+    methods = (
+        sorted(p.name for p in (folder / "methods").iterdir())
+        if (folder / "methods").is_dir()
+        else []
+    )
+    return {m: folder / "methods" / m / "model.safetensors" for m in methods} or {
+        cfg.finetune.method: folder / "model.safetensors"
+    }
+
+
+def sharpness_table(cfg: Config, test_tokens: np.ndarray, seed: int) -> dict[str, dict[str, Any]]:
+    """Epsilon-sharpness and the extreme Hessian eigenvalues of each fine-tuning method's weights.
+
+    Per method: `test_loss`, `sharpness`, `hessian_max_eig` / `hessian_min_eig` (largest and
+    smallest, by Lanczos: see pipeline/eval/sharpness.py), their residuals and whether both
+    converged. All methods are measured on the same `cfg.evaluate.sharpness_batches` test
+    batches of 8 windows, drawn with `seed`.
+    """
+    folder, f = cfg.path("finetune"), cfg.finetune
+    weights = method_weights(cfg)
+    model0 = load_model(folder)
+    batches = list(
+        eval_batches(
+            test_tokens, seed, cfg.evaluate.sharpness_batches, 8, model0.config.block_size, 0, 1
+        )
+    )
+
+    def loss_fn(m: torch.nn.Module) -> torch.Tensor:
+        return sum(m(x, y)[1] for x, y in batches) / len(batches)
+
+    table = {}
+    for method, path in weights.items():
+        model = load_model(folder, path)
+        sharp = epsilon_sharpness(model, loss_fn, f.sharpness_rho, f.sharpness_steps)
+        eig = hessian_extreme_eigenvalues(model, loss_fn, iters=f.hessian_iters)
+        table[method] = {
+            "sharpness": sharp["sharpness"],
+            "hessian_max_eig": eig["max"],
+            "hessian_min_eig": eig["min"],
+            "hessian_max_residual": eig["max_residual"],
+            "hessian_min_residual": eig["min_residual"],
+            "hessian_converged": eig["max_converged"] and eig["min_converged"],
+            "test_loss": sharp["base_loss"],
+        }
+    return table

@@ -1,0 +1,105 @@
+"""The human-readable evaluate report (`reports/evaluate.md`) and its numbers for MLflow."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def markdown(report: dict[str, Any], gens: dict[str, list[str]], k: int) -> str:
+    """`reports/evaluate.md`: the report's tables and the first `k` generations per strategy."""
+    lines = [
+        "# Evaluation",
+        *_test_section(report["test"]),
+        *_kl_section(report["source_kl"]),
+        *_sharpness_section(report["sharpness"], report.get("flatness", [])),
+        *_decoding_section(report["generation"], report.get("task_accuracy")),
+        "",
+        "## Samples",
+        "",
+    ]
+    for s, texts in gens.items():
+        lines += [f"### {s}", ""] + [f"- {t!r}" for t in texts[:k]] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def _test_section(t: dict[str, Any]) -> list[str]:
+    c = t["calibration"]
+    return [
+        "",
+        "## Held-out test split",
+        "",
+        "| cross-entropy (nats/token) | perplexity | bits/byte | ECE | Brier | entropy |",
+        "|---|---|---|---|---|---|",
+        f"| {t['cross_entropy']:.4f} | {t['perplexity']:.3f} | {t['bits_per_byte']:.4f} | "
+        f"{c['ece']:.4f} | {c['brier']:.4f} | {c['entropy']:.4f} |",
+    ]
+
+
+def _kl_section(source_kl: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## KL rate to the true source",
+        "",
+        "Whole documents are scored, each token once with up to the model's full context;",
+        "the last column counts the documents longer than one context window.",
+        "",
+        "| source | model bits/byte | source entropy bits/byte | KL bits/byte | 95% CI "
+        "| docs | docs over one window |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in source_kl.items():
+        lines.append(
+            f"| {name} | {r['model_bits_per_byte']:.4f} | {r['source_bits_per_byte']:.4f}"
+            f" | {r['kl_bits_per_byte']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+            f" | {r['num_docs']} | {r['multi_window_docs']} |"
+        )
+    return lines
+
+
+def _sharpness_section(sharpness: dict[str, dict[str, Any]], flatness: list[str]) -> list[str]:
+    lines = [
+        "",
+        "## Sharpness of the fine-tuned weights",
+        "",
+        "| method | test loss | epsilon-sharpness | largest Hessian eig. "
+        "| smallest Hessian eig. | converged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, r in sharpness.items():
+        lines.append(
+            f"| {m} | {r['test_loss']:.4f} | {r['sharpness']:.4g} | {r['hessian_max_eig']:.4g}"
+            f" | {r['hessian_min_eig']:.4g} | {'yes' if r['hessian_converged'] else 'no'} |"
+        )
+    return [*lines, "", *(f"- {s}" for s in flatness)]
+
+
+def _decoding_section(generation: dict[str, dict[str, float]], task: float | None) -> list[str]:
+    cols = list(next(iter(generation.values())))
+    lines = [
+        "",
+        "## Decoding",
+        "",
+        "| strategy | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for s, r in generation.items():
+        lines.append(f"| {s} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+    if task is not None:
+        lines += ["", f"Exact-match accuracy on the fine-tuning test split: {task:.4f}"]
+    return lines
+
+
+def flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Every finite number of a nested report, keyed by its dotted path (MLflow metrics).
+
+    Booleans, strings, lists and non-finite values (an infinite KL) are left out: MLflow
+    metrics are finite floats.
+    """
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_numbers(v, f"{prefix}{k}."))
+        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            out[f"{prefix}{k}"] = float(v)
+    return out
