@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from pipeline.model.gpt import GPT, GPTConfig, padded_vocab
-from pipeline.serve.textgen import DEFAULTS_FILE, EOT, GenerationParams
-from pipeline.text.tokenizer import train_bpe
+from pipeline.serve.textgen import DEFAULTS_FILE, GenerationParams
+from pipeline.text.tokenizer import EOT, train_bpe
 from pipeline.train import checkpoint as ckpt
 
 BIN = Path(sys.executable).parent  # the venv's bin: `mlflow`, and the `uvicorn` it starts

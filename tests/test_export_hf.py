@@ -213,3 +213,45 @@ def test_failed_export_keeps_previous(
         export_hf(folder, tokenizer_json, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in out.parent.iterdir()] == ["hf"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("with_meta", [True, False])
+def test_another_end_of_text_token_becomes_bos_and_eos(tmp_path: Path, with_meta: bool) -> None:
+    """The first of tokenizer.special_tokens ("<|end|>" here), as meta.json names it, is the
+    export's bos/eos; without a meta.json beside the tokenizer, the special token at id 0."""
+    transformers = pytest.importorskip("transformers", reason=NO_HF)
+    from pipeline.text.shards import write_meta
+
+    specials = ["<|end|>", EOT]
+    tok = train_bpe(TEXTS, vocab_size=300, special_tokens=specials, min_frequency=2)
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok.save(str(tok_dir / "tokenizer.json"))
+    if with_meta:
+        meta = {"format_version": 1, "dtype": "uint16", "vocab_size": tok.get_vocab_size()}
+        write_meta(tok_dir, meta | {"eot_id": 0, "special_tokens": specials, "splits": {}})
+    folder = write_model_folder(tmp_path / "m", random_model(tiny_config()))
+    out = export_hf(folder, tok_dir / "tokenizer.json", tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert hf_tok.eos_token == hf_tok.bos_token == "<|end|>"
+    assert hf_tok.eos_token_id == tok.token_to_id("<|end|>") == 0
+    hf_config = transformers.AutoConfig.from_pretrained(out, local_files_only=True)
+    assert hf_config.eos_token_id == hf_config.bos_token_id == 0
+
+
+def test_meta_json_naming_a_token_the_tokenizer_lacks_is_refused(
+    tmp_path: Path, tokenizer_json: Path
+) -> None:
+    from pipeline.text.shards import write_meta
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    meta = {"format_version": 1, "dtype": "uint16", "vocab_size": 300, "splits": {}}
+    write_meta(tok_dir, meta | {"eot_id": 0, "special_tokens": ["<|end|>"]})
+    folder = write_model_folder(tmp_path / "m", random_model(tiny_config()))
+    with pytest.raises(
+        LmforgeError, match=r"tok/meta\.json: eot_id 0 .*special_tokens\[0\] '<\|end\|>'"
+    ):
+        export_hf(folder, tok_dir / "tokenizer.json", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -20,6 +20,7 @@ from test_evaluate import SMALL
 from typer.testing import CliRunner
 
 from flows.cli import app
+from pipeline.serve import registry
 from pipeline.serve.textgen import TextGenerator
 from pipeline.stages import evaluate, finetune, pretrain, register, synthesize, tokenizer, validate
 from pipeline.train import checkpoint as ckpt
@@ -174,6 +175,20 @@ def test_version_carries_card_tags_and_no_pickle(evaluated, store):
     assert not any(f.endswith((".pkl", ".pt", ".pth")) for f in files), files
     mlmodel = (local / "MLmodel").read_text()
     assert "mlflow.pyfunc.loaders.code_model" in mlmodel and "max_new_tokens" in mlmodel
+    # The package ships the tokenizer's meta.json (it names the end-of-text token) and only
+    # the library packages serving imports.
+    assert "meta.json" in files
+    shipped = {p.name for p in (local / "code" / "pipeline").iterdir()}
+    assert shipped == {"__init__.py", *register.SERVING_PACKAGES}
+    # A card longer than the stores' 5000 characters is cut at a line in the description,
+    # and says so; the file in the artifacts is whole.
+    whole = next(local.rglob("MODEL_CARD.md")).read_text()
+    assert len(mv.description) <= registry.MAX_DESCRIPTION
+    if len(whole) > registry.MAX_DESCRIPTION:
+        kept, note = mv.description.split("\n\n... (truncated", 1)
+        assert whole.startswith(kept + "\n") and "MODEL_CARD.md" in note
+    else:
+        assert mv.description == whole
 
 
 def test_pyfunc_predicts_like_the_generator(evaluated, store):

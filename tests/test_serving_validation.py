@@ -8,14 +8,22 @@ one, which must equal the in-process TextGenerator's result: the server kept ser
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
-from serving_helpers import post, predictions, serve_model, stop, tiny_package
+import torch
+from serving_helpers import TINY_TEXTS, post, predictions, serve_model, stop, tiny_package
 
+from pipeline.core.errors import LmforgeError
+from pipeline.model.load import load_weights, save_weights
 from pipeline.serve.textgen import DEFAULTS_FILE, MAX_PROMPTS, GenerationParams, TextGenerator
 from pipeline.stages import register
+from pipeline.text.shards import write_meta
+from pipeline.text.tokenizer import EOT, train_bpe
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +92,114 @@ def test_bad_requests_get_400_naming_the_field_and_the_server_keeps_serving(serv
     expected = TextGenerator.from_folder(package, defaults=defaults).complete(PROMPT, good)
     assert predictions(port, {"inputs": PROMPT, "params": good}) == expected
     assert expected[0].startswith(PROMPT[0]) and len(expected[0]) > len(PROMPT[0])
+
+
+# Loads a logged model in a fresh interpreter where only the model's own code folder can
+# provide `pipeline`: the editable install's finder (which maps `pipeline.*` to the checkout)
+# is removed first, so a module serving needs but the model does not ship fails to import.
+ISOLATED_LOAD = """
+import json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+import mlflow
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(json.loads(sys.argv[2]), params=json.loads(sys.argv[3]))
+import pipeline, pipeline.serve.export_hf, pipeline.serve.model_card, pipeline.serve.registry
+used = sorted({n.split(".")[1] for n in sys.modules if n.startswith("pipeline.")})
+print(json.dumps({"out": out, "file": pipeline.__file__, "used": used}))
+"""
+
+
+def logged(root: Path, package: Path) -> tuple[str, str]:
+    """(tracking URI, model URI) of `package` logged by register's own `log_model`."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("code", str(root / "artifacts")))
+    return uri, register.log_model(uri, run.info.run_id, package)
+
+
+def test_logged_model_ships_only_the_serving_packages_and_serves_from_them(tmp_path):
+    package = tiny_package(tmp_path / "package")
+    uri, model_uri = logged(tmp_path, package)
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl")))
+    shipped = local / "code" / "pipeline"
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(
+        ["__init__.py", *register.SERVING_PACKAGES]
+    )
+    assert not list(shipped.rglob("__pycache__")) and not list(shipped.rglob("*.pyc"))
+    for pkg in register.SERVING_PACKAGES:  # each package whole: every module of the checkout
+        ours = {
+            p.relative_to(register.LIBRARY_DIR) for p in (register.LIBRARY_DIR / pkg).rglob("*.py")
+        }
+        assert {p.relative_to(shipped) for p in (shipped / pkg).rglob("*.py")} == ours
+
+    params = {"max_new_tokens": 5}
+    args = [model_uri, json.dumps(["tom went to the park."]), json.dumps(params)]
+    done = subprocess.run(
+        [sys.executable, "-c", ISOLATED_LOAD, *args],
+        cwd=tmp_path,  # not the checkout: `pipeline` is not importable from the working dir
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["file"].endswith("/code/pipeline/__init__.py")
+    assert not answer["file"].startswith(str(register.LIBRARY_DIR))
+    assert set(answer["used"]) <= set(register.SERVING_PACKAGES), answer["used"]
+    defaults = GenerationParams.from_mapping(json.loads((package / DEFAULTS_FILE).read_text()))
+    direct = TextGenerator.from_folder(package, defaults=defaults)
+    assert answer["out"] == direct.complete(["tom went to the park."], params)
+
+
+END = "<|end|>"  # a first special token other than the default <|endoftext|>
+
+
+def end_token_package(dest: Path) -> Path:
+    """A model package whose tokenizer separates documents with END (id 0), not EOT (id 1).
+
+    Its meta.json names END, as the tokenizer stage writes it for
+    `tokenizer.special_tokens: ["<|end|>", "<|endoftext|>"]`. The final LayerNorm's gain is
+    zero, so every logit is 0 and greedy decoding (argmax: the first of equal values) emits
+    id 0 at every step: a generator stops at once exactly when it stops at END.
+    """
+    package = tiny_package(dest)
+    tok = train_bpe(TINY_TEXTS, vocab_size=300, special_tokens=[END, EOT], min_frequency=2)
+    tok.save(str(package / "tokenizer.json"))
+    meta = {
+        "format_version": 1,
+        "dtype": "uint16",
+        "vocab_size": tok.get_vocab_size(),
+        "eot_id": 0,
+        "special_tokens": [END, EOT],  # id = position in this list
+        "splits": {},
+    }
+    write_meta(package, meta)
+    state = load_weights(package / "model.safetensors")
+    state["ln_f.weight"] = torch.zeros_like(state["ln_f.weight"])
+    save_weights(package / "model.safetensors", state)
+    return package
+
+
+def test_a_tokenizer_whose_first_special_token_is_not_endoftext_stops_at_it(tmp_path):
+    package = end_token_package(tmp_path / "package")
+    gen = TextGenerator.from_folder(package)
+    assert gen.eot_id == 0 == gen.tokenizer.token_to_id(END)
+    logits, _ = gen.model(torch.tensor([[0, 5, 6]]))  # (1, 3, V)
+    assert torch.count_nonzero(logits) == 0  # so argmax = id 0 = END at every step
+    params = {"max_new_tokens": 5, "return_full_text": False}
+    assert gen.complete(["tom went"], params) == [""]  # stopped at END, not "<|end|>" x 5
+    assert gen.complete(["tom went"], {"max_new_tokens": 5}) == ["tom went"]
+    _, model_uri = logged(tmp_path, package)  # the logged model ships meta.json, and stops
+    served = mlflow.pyfunc.load_model(model_uri)
+    assert served.predict(["tom went", "lucy"], params=params) == ["", ""]
+
+
+def test_meta_that_disagrees_with_the_tokenizer_is_refused_naming_it(tmp_path):
+    package = end_token_package(tmp_path / "package")
+    meta = json.loads((package / "meta.json").read_text())
+    write_meta(package, {**meta, "special_tokens": ["<|eos|>"]})  # not in the tokenizer
+    with pytest.raises(
+        LmforgeError, match=r"meta\.json: eot_id 0 .*special_tokens\[0\] '<\|eos\|>'"
+    ):
+        TextGenerator.from_folder(package)

@@ -29,7 +29,9 @@ from pipeline.text.tokenizer import (
     bytes_per_token,
     decode,
     encode_docs,
+    end_of_text,
     load_tokenizer,
+    new_tokenizer,
     token_byte_lengths,
     train_bpe,
 )
@@ -90,6 +92,30 @@ def test_training_is_deterministic(tok):
     assert out.returncode == 0, out.stderr
     assert out.stdout == tok.to_str()
     assert 300 < tok.get_vocab_size() <= 400  # a small corpus can run out of pairs
+
+
+def test_end_of_text_is_the_first_special_token_as_meta_json_names_it():
+    """The EOT is `special_tokens[0]` / `eot_id` of meta.json, whatever the token's text."""
+    t = train_bpe(corpus(100), vocab_size=320, special_tokens=["<|end|>", EOT], min_frequency=2)
+    meta = {"special_tokens": ["<|end|>", EOT], "eot_id": 0}
+    assert (
+        end_of_text(t, meta, "meta.json") == ("<|end|>", 0) == ("<|end|>", t.token_to_id("<|end|>"))
+    )
+    assert end_of_text(t, None, "tokenizer.json") == ("<|end|>", 0)  # no meta: the id-0 special
+    with pytest.raises(
+        TokenizerError, match=r"m/meta\.json: eot_id 1 is not .*'<\|end\|>' \(got 0\)"
+    ):
+        end_of_text(t, {**meta, "eot_id": 1}, "m/meta.json")
+    with pytest.raises(TokenizerError, match=r"meta\.json: eot_id 0 .*'<\|eos\|>' \(got None\)"):
+        end_of_text(t, {**meta, "special_tokens": ["<|eos|>"]}, "meta.json")
+    with pytest.raises(
+        TokenizerError, match=r"meta\.json: special_tokens: expected a non-empty list"
+    ):
+        end_of_text(t, {"special_tokens": [], "eot_id": 0}, "meta.json")
+    plain = new_tokenizer()  # no special token at id 0 at all
+    plain.add_tokens(["abc"])
+    with pytest.raises(TokenizerError, match=r"tok\.json: no special token at id 0"):
+        end_of_text(plain, None, "tok.json")
 
 
 def test_special_token_ids():

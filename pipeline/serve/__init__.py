@@ -1,0 +1,1 @@
+"""Serving: text in/text out, the MLflow pyfunc, the registry, the model card, HF export."""

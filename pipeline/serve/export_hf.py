@@ -26,9 +26,10 @@ How our GPT maps onto HF GPT-2:
   ReLU (GPT-2's MLP is GELU). Those raise `ExportError` naming the config key.
 
 The tokenizer is saved as a `PreTrainedTokenizerFast` over our byte-level BPE `tokenizer.json`
-with `<|endoftext|>` as bos/eos. Note that HF encodes a literal `<|endoftext|>` in text as the
-special id (the usual GPT-2 behaviour), whereas `pipeline.text.tokenizer.encode_docs` treats it as
-data; text without that string encodes to identical ids.
+with the end-of-text token (the first of `tokenizer.special_tokens`, as the tokenizer's meta.json
+names it; `<|endoftext|>` by default) as bos/eos. Note that HF encodes a literal special token in
+text as the special id (the usual GPT-2 behaviour), whereas `pipeline.text.tokenizer.encode_docs`
+treats it as data; text without such a string encodes to identical ids.
 Written with transformers 5, the export needs transformers >= 5 to load: its
 `tokenizer_config.json` names `TokenizersBackend`, v5's name for the fast tokenizer class.
 
@@ -50,8 +51,9 @@ from torch import Tensor, nn
 from pipeline.core.errors import LmforgeError
 from pipeline.core.io import atomic_dir
 from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.text.tokenizer import EOT, load_tokenizer, special_token_ids
-from pipeline.train import checkpoint as ckpt
+from pipeline.model.load import read_model_files
+from pipeline.text.shards import META_FILE, read_meta
+from pipeline.text.tokenizer import end_of_text, load_tokenizer
 
 LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which pipeline.model.gpt uses
 INSTALL_HINT = "pip install 'lmforge[hf]' (or: pip install 'transformers>=5,<6')"
@@ -147,7 +149,7 @@ def gpt2_config_dict(
 ) -> dict[str, Any]:
     """Keyword arguments for `transformers.GPT2Config` describing the same model as `cfg`.
 
-    `eos_token_id` (the `<|endoftext|>` id) is also the bos id, as in GPT-2. `dtype` is the
+    `eos_token_id` (the end-of-text id) is also the bos id, as in GPT-2. `dtype` is the
     weights' dtype, recorded so `from_pretrained(dtype="auto")` keeps it.
     """
     check_gpt2_compatible(cfg, source="GPTConfig")
@@ -201,7 +203,7 @@ def _load_model(model_dir: Path) -> GPT:
             f"{model_dir}: model folder not found (expected model_config.json and "
             "model.safetensors, e.g. from `dvc repro finetune`)"
         )
-    cfg, state = ckpt.read_model_files(model_dir, hint="run `dvc repro finetune` first")
+    cfg, state = read_model_files(model_dir, hint="run `dvc repro finetune` first")
     check_gpt2_compatible(cfg, source=str(model_dir / "model_config.json"))
     if "lm_head.weight" not in state and "wte.weight" in state:
         state["lm_head.weight"] = state["wte.weight"]  # tied: written once by some writers
@@ -215,8 +217,12 @@ def _load_model(model_dir: Path) -> GPT:
     return model.eval()
 
 
-def _tokenizer_eos_id(tokenizer_json: Path, vocab_size: int) -> int:
-    """The `<|endoftext|>` id, after checking the tokenizer fits the model's embedding."""
+def _tokenizer_eos(tokenizer_json: Path, vocab_size: int) -> tuple[str, int]:
+    """(token, id) of the end-of-text token, after checking the tokenizer fits the model.
+
+    The token is the one the tokenizer's meta.json (beside `tokenizer_json`) names, the first
+    of `tokenizer.special_tokens`; without a meta.json, the special token at id 0.
+    """
     tok = load_tokenizer(tokenizer_json)
     n = tok.get_vocab_size()
     if n > vocab_size:
@@ -224,7 +230,9 @@ def _tokenizer_eos_id(tokenizer_json: Path, vocab_size: int) -> int:
             f"{tokenizer_json}: the tokenizer has {n} tokens but the model's vocab_size is "
             f"{vocab_size}; is this the tokenizer the model was trained with?"
         )
-    return special_token_ids(tok, [EOT])[EOT]
+    meta_path = tokenizer_json.parent / META_FILE
+    meta = read_meta(meta_path.parent) if meta_path.is_file() else None
+    return end_of_text(tok, meta, str(meta_path if meta else tokenizer_json))
 
 
 def _check_paths(model_dir: Path, out_dir: Path) -> None:
@@ -234,12 +242,17 @@ def _check_paths(model_dir: Path, out_dir: Path) -> None:
         raise ExportError(f"--out {out_dir}: would overwrite the model folder {model_dir}")
 
 
-def _write_tokenizer(transformers: Any, tokenizer_json: Path, folder: Path, max_len: int) -> None:
-    """Save our tokenizer.json as a fast HF tokenizer (tokenizer.json + tokenizer_config.json)."""
+def _write_tokenizer(
+    transformers: Any, tokenizer_json: Path, folder: Path, max_len: int, eos: str
+) -> None:
+    """Save our tokenizer.json as a fast HF tokenizer (tokenizer.json + tokenizer_config.json).
+
+    `eos` (the end-of-text token) is both bos and eos, as in GPT-2.
+    """
     hf_tok = transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer_json),
-        bos_token=EOT,
-        eos_token=EOT,
+        bos_token=eos,
+        eos_token=eos,
         model_max_length=max_len,  # HF warns on (and can truncate to) the context length
     )
     hf_tok.save_pretrained(str(folder))
@@ -258,7 +271,7 @@ def export_hf(model_dir: Path, tokenizer_json: Path, out_dir: Path) -> Path:
     _check_paths(model_dir, out_dir)
     model = _load_model(model_dir)
     cfg = model.config
-    eos_id = _tokenizer_eos_id(tokenizer_json, cfg.vocab_size)
+    eos, eos_id = _tokenizer_eos(tokenizer_json, cfg.vocab_size)
     transformers = _require_transformers()  # after the checks: they need no transformers
     weights = to_gpt2_state_dict(model)
     del model  # the export holds its own copy of the weights
@@ -268,5 +281,5 @@ def export_hf(model_dir: Path, tokenizer_json: Path, out_dir: Path) -> Path:
         hf_config.save_pretrained(str(tmp))
         # "format": "pt" is the metadata HF's own save_pretrained writes and checks on load.
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_tokenizer(transformers, tokenizer_json, tmp, cfg.block_size)
+        _write_tokenizer(transformers, tokenizer_json, tmp, cfg.block_size, eos)
     return out_dir

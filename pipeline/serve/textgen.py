@@ -6,9 +6,11 @@
 The served MLflow model (pipeline/serve/pyfunc_model.py), `lmforge generate` and the register
 stage's champion comparison all go through `TextGenerator`, so they decode the same way.
 
-A *model package* is a folder holding `model_config.json`, `model.safetensors` and
-`tokenizer.json` (plus, when registered, `config.yaml` and `MODEL_CARD.md`). The register
-stage writes one; `TextGenerator.from_folder` reads one.
+A *model package* is a folder holding `model_config.json`, `model.safetensors`,
+`tokenizer.json` and the tokenizer's `meta.json` (plus, when registered, `config.yaml` and
+`MODEL_CARD.md`). The register stage writes one; `TextGenerator.from_folder` reads one. The
+end-of-text token, where generation stops, is the one meta.json names (`special_tokens[0]`,
+`eot_id`: whatever `tokenizer.special_tokens` was), never a literal.
 
 Why it is safe under concurrent requests: each prompt is decoded on its own (the result of
 a prompt never depends on what else is in the request), sampling draws from a per-call
@@ -30,11 +32,12 @@ from torch.nn import functional as F
 from pipeline.core.errors import LmforgeError
 from pipeline.model.generate import STRATEGIES, DecodeConfig, generate
 from pipeline.model.gpt import GPT
-from pipeline.text.tokenizer import decode, encode_docs, load_tokenizer
-from pipeline.train import checkpoint as ckpt
+from pipeline.model.load import read_model_files
+from pipeline.text.shards import META_FILE, read_meta
+from pipeline.text.tokenizer import decode, encode_docs, end_of_text, load_tokenizer
 
-EOT = "<|endoftext|>"
-PACKAGE_FILES = ("model_config.json", "model.safetensors", "tokenizer.json")
+# meta.json (the tokenizer stage's) names the end-of-text token; see `from_folder`.
+PACKAGE_FILES = ("model_config.json", "model.safetensors", "tokenizer.json", META_FILE)
 DEFAULTS_FILE = "generation_defaults.json"  # in a registered package: register.decoding
 
 
@@ -204,13 +207,13 @@ class GenerationParams:
 class TextGenerator:
     """A GPT in eval mode plus its tokenizer: `complete(prompts)` and `bits_per_byte(texts)`."""
 
-    def __init__(self, model: GPT, tokenizer: Any, defaults: GenerationParams | None = None):
-        eot = tokenizer.token_to_id(EOT)
-        if eot is None:
-            raise LmforgeError(f"the tokenizer has no {EOT!r} token; it separates documents")
+    def __init__(
+        self, model: GPT, tokenizer: Any, eot_id: int, defaults: GenerationParams | None = None
+    ):
+        """`eot_id`: the end-of-text id (`pipeline.text.tokenizer.end_of_text`)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.eot_id: int = eot
+        self.eot_id = eot_id
         block_size = model.config.block_size
         if defaults is None:  # the built-in defaults, with a continuation that fits the model
             n_new = min(GenerationParams.max_new_tokens, block_size)
@@ -228,7 +231,12 @@ class TextGenerator:
         tokenizer_json: Path | None = None,
         defaults: GenerationParams | None = None,
     ) -> TextGenerator:
-        """Load a model package (or a model folder plus a separate `tokenizer_json`)."""
+        """Load a model package (or a model folder plus a separate `tokenizer_json`).
+
+        The end-of-text token comes from the meta.json beside the tokenizer file (in a
+        package, or data/tokenizer/). A package registered before packages shipped meta.json
+        has none: then it is the tokenizer's special token at id 0 (`end_of_text`).
+        """
         folder = Path(folder)
         tok_path = Path(tokenizer_json) if tokenizer_json else folder / "tokenizer.json"
         if not tok_path.is_file():
@@ -236,10 +244,14 @@ class TextGenerator:
                 f"{tok_path}: tokenizer not found; a model package holds {', '.join(PACKAGE_FILES)}"
                 " (or pass --tokenizer data/tokenizer/tokenizer.json)"
             )
-        gcfg, state = ckpt.read_model_files(folder, hint="expected a model package folder")
+        gcfg, state = read_model_files(folder, hint="expected a model package folder")
         model = GPT(gcfg)
         model.load_state_dict(state)
-        return cls(model, load_tokenizer(tok_path), defaults)
+        tokenizer = load_tokenizer(tok_path)
+        meta_path = tok_path.parent / META_FILE
+        meta = read_meta(meta_path.parent) if meta_path.is_file() else None
+        _, eot_id = end_of_text(tokenizer, meta, str(meta_path if meta else tok_path))
+        return cls(model, tokenizer, eot_id, defaults)
 
     def check_request(
         self, prompts: Any, params: Mapping[str, Any] | None = None

@@ -36,6 +36,7 @@ import yaml
 from pipeline.config import Config, GateConfig
 from pipeline.core.errors import LmforgeError
 from pipeline.core.io import atomic_write_json, atomic_write_text, tree_md5
+from pipeline.core.names import STAGES
 from pipeline.ops.stage_runner import stage_main
 from pipeline.ops.tracking import (
     DVC_EXP_ENV,
@@ -45,16 +46,19 @@ from pipeline.ops.tracking import (
     tracking_uri,
 )
 from pipeline.serve import registry
-from pipeline.serve.model_card import CardInputs, load_reports, render_model_card
+from pipeline.serve.model_card import CardInputs, render_model_card
 from pipeline.serve.textgen import DEFAULTS_FILE, GenerationParams, TextGenerator
-from pipeline.stages import STAGES
-from pipeline.text.shards import read_meta
+from pipeline.text.shards import META_FILE, read_meta
 
 log = logging.getLogger(__name__)
 STAGE = "register"
 VERSION_FILE = "register_version.json"  # the registry's answer; not a DVC output
-PYFUNC_FILE = Path(__file__).resolve().parents[1] / "serve" / "pyfunc_model.py"
-PACKAGE_DIR = Path(__file__).resolve().parents[1]  # `pipeline/`, shipped as the model's code
+LIBRARY_DIR = Path(__file__).resolve().parents[1]  # `pipeline/`
+PYFUNC_FILE = LIBRARY_DIR / "serve" / "pyfunc_model.py"
+# The library packages shipped as the served model's code, and nothing else of `pipeline/`:
+# pyfunc_model -> serve.textgen -> model, text, core (the rest of serve/ stays inside these
+# too), and config, whose loader reads the package's config.yaml.
+SERVING_PACKAGES = ("serve", "model", "text", "config", "core")
 
 
 # --------------------------------------------------------------------------------------
@@ -109,12 +113,22 @@ def read_json(path: Path, hint: str) -> dict[str, Any]:
 
 
 def build_package(cfg: Config, dest: Path) -> Path:
-    """The files the served model needs: weights, config, tokenizer, decoding defaults."""
-    model_dir, tok_json = cfg.path("finetune"), cfg.path("tokenizer") / "tokenizer.json"
+    """The files the served model needs: weights, config, tokenizer, decoding defaults.
+
+    The tokenizer's meta.json goes along: it names the end-of-text token the served model
+    stops at (pipeline/serve/textgen.py).
+    """
+    model_dir, tok_dir = cfg.path("finetune"), cfg.path("tokenizer")
     dest.mkdir(parents=True)
-    for src in (model_dir / "model_config.json", model_dir / "model.safetensors", tok_json):
+    sources = {
+        model_dir / "model_config.json": "finetune",
+        model_dir / "model.safetensors": "finetune",
+        tok_dir / "tokenizer.json": "tokenizer",
+        tok_dir / META_FILE: "tokenizer",
+    }
+    for src, stage in sources.items():
         if not src.is_file():
-            raise LmforgeError(f"{src}: not found; run `dvc repro finetune` first")
+            raise LmforgeError(f"{src}: not found; run `dvc repro {stage}` first")
         shutil.copy2(src, dest / src.name)
     atomic_write_text(dest / "config.yaml", cfg.to_yaml())
     defaults = {**dataclasses.asdict(cfg.register.decoding), "return_full_text": True}
@@ -124,7 +138,7 @@ def build_package(cfg: Config, dest: Path) -> Path:
 
 def card_samples(cfg: Config, generator: TextGenerator) -> list[tuple[str, str]]:
     """(prompt, generation) pairs with the served defaults, on the evaluation's prompts."""
-    from pipeline.stages.evaluate import prompts_and_references
+    from pipeline.data.eval_inputs import prompts_and_references
 
     n = cfg.register.card_samples
     if n == 0:
@@ -150,22 +164,16 @@ def model_card(
     gate: dict[str, Any],
     lineage: dict[str, str],
     timing: dict[str, float],
-    tok_meta: dict[str, Any],
 ) -> str:
     """The markdown model card from the stage reports, this model and its lineage."""
-    reports = load_reports(cfg.path("reports"), STAGES)
-    if "pretrain" in reports:
-        reports["pretrain"] = {**reports["pretrain"], **timing}
     inputs = CardInputs(
-        model_name=cfg.register.model_name,
-        reports=reports,
+        cfg=cfg,
         model_config=json.loads((cfg.path("finetune") / "model_config.json").read_text()),
         num_params=generator.model.num_params(exclude_position=False),
-        tokenizer_meta=tok_meta,
-        params=cfg.to_dict(),
         samples=card_samples(cfg, generator),
         gate=gate,
         lineage=lineage,
+        timing=timing,
     )
     return render_model_card(inputs)
 
@@ -226,8 +234,23 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={version(p).split('+')[0]}" for p in pkgs]
 
 
+def serving_code(dest: Path) -> Path:
+    """`dest/pipeline/` holding `SERVING_PACKAGES` (no caches): the served model's code.
+
+    Laid out as `pipeline/<pkg>/`, so `import pipeline.serve.textgen` works where MLflow
+    puts the model's code folder on `sys.path`.
+    """
+    root = dest / "pipeline"
+    root.mkdir(parents=True)
+    shutil.copy2(LIBRARY_DIR / "__init__.py", root / "__init__.py")
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for pkg in SERVING_PACKAGES:
+        shutil.copytree(LIBRARY_DIR / pkg, root / pkg, ignore=skip)
+    return root
+
+
 def log_model(tracking: str, run_id: str, package: Path) -> str:
-    """Log the pyfunc (from code, with `pipeline/` as its code) into run `run_id`; its URI.
+    """Log the pyfunc (from code, with `serving_code` as its code) into run `run_id`; its URI.
 
     The params example is every field of GenerationParams at the package's defaults, so the
     params schema MLflow infers from it holds every request param the model knows (MLflow
@@ -238,12 +261,15 @@ def log_model(tracking: str, run_id: str, package: Path) -> str:
     defaults = read_json(package / DEFAULTS_FILE, "build_package writes it")
     example_params = dataclasses.asdict(GenerationParams.from_mapping(defaults))
     mlflow.set_tracking_uri(tracking)
-    with mlflow.start_run(run_id=run_id):
+    with (
+        tempfile.TemporaryDirectory(prefix="lmforge-code-") as code,
+        mlflow.start_run(run_id=run_id),
+    ):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
             artifacts={"package": str(package)},
-            code_paths=[str(PACKAGE_DIR)],
+            code_paths=[str(serving_code(Path(code)))],
             input_example=(["once upon a time"], example_params),
             pip_requirements=pip_requirements(),
         )
@@ -287,7 +313,7 @@ def register(cfg: Config, tracker: Any, gate: dict[str, Any]) -> dict[str, Any]:
             defaults=GenerationParams.from_mapping(dataclasses.asdict(cfg.register.decoding)),
         )
         timing = pretrain_timing(client, lineage)
-        card = model_card(cfg, generator, gate, lineage, timing, tok_meta)
+        card = model_card(cfg, generator, gate, lineage, timing)
         atomic_write_text(package / "MODEL_CARD.md", card)
         model_uri = log_model(tracking_uri(cfg), tracker.run_id, package)
     tracker.log_text(card, "MODEL_CARD.md")

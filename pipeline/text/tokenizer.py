@@ -7,7 +7,8 @@ re-implements BPE). The choices that matter for the rest of the pipeline:
   BPE, and all 256 byte symbols are in the initial alphabet, so *any* Unicode string
   encodes, with no unknown token, and `decode(encode(s)) == s` exactly.
 - **Special tokens first.** The special tokens of `tokenizer.special_tokens` get ids
-  0, 1, ... in order; the first is the document separator (`<|endoftext|>`, id 0).
+  0, 1, ... in order; the first is the document separator (by default `<|endoftext|>`;
+  meta.json records it as `special_tokens[0]` / `eot_id`, read with `end_of_text`).
 - **Document text is data.** `encode_docs` encodes a literal `<|endoftext|>` inside a
   document as ordinary bytes, never as the separator id, so a corpus cannot forge document
   boundaries and the number of separators in a shard always equals its number of documents.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.core.errors import LmforgeError
 
+# The default first entry of `tokenizer.special_tokens` (params.yaml), for tests and tools that
+# train a throwaway tokenizer. Nothing that loads a trained tokenizer uses it: the end-of-text
+# token of a trained one is `end_of_text`'s answer, from its meta.json.
 EOT = "<|endoftext|>"
 NUM_BYTES = 256  # the byte-level alphabet: every vocabulary holds at least these symbols
 
@@ -204,3 +208,35 @@ def special_token_ids(tok: Tokenizer, special_tokens: Sequence[str]) -> dict[str
     if missing:
         raise TokenizerError(f"special tokens {missing!r} are not in the tokenizer's vocabulary")
     return ids  # type: ignore[return-value]
+
+
+def end_of_text(tok: Tokenizer, meta: Mapping[str, Any] | None, where: str) -> tuple[str, int]:
+    """(token, id) of the end-of-text token (the document separator) of a trained tokenizer.
+
+    The one source is the tokenizer's meta.json, which the tokenizer stage writes from
+    `tokenizer.special_tokens`: `special_tokens[0]` and `eot_id`, checked against `tok`. With
+    no meta (`meta` None: a model package registered before packages shipped meta.json), it is
+    the special token at id 0, where `train_bpe` puts the first of `tokenizer.special_tokens`.
+    `where` names the meta.json (or tokenizer) file in errors.
+    """
+    if meta is None:
+        first = tok.get_added_tokens_decoder().get(0)
+        if first is None or not first.special:
+            raise TokenizerError(
+                f"{where}: no special token at id 0; expected the end-of-text token (the first "
+                "of tokenizer.special_tokens) there, as `train_bpe` places it"
+            )
+        return first.content, 0
+    specials, eot_id = meta.get("special_tokens"), meta.get("eot_id")
+    if not isinstance(specials, list) or not specials or not isinstance(specials[0], str):
+        raise TokenizerError(
+            f"{where}: special_tokens: expected a non-empty list of strings (the first is the "
+            f"end-of-text token, from tokenizer.special_tokens), got {specials!r}"
+        )
+    got = tok.token_to_id(specials[0])
+    if got is None or got != eot_id:
+        raise TokenizerError(
+            f"{where}: eot_id {eot_id!r} is not the tokenizer's id of special_tokens[0] "
+            f"{specials[0]!r} (got {got!r}); is this meta.json from the same tokenizer?"
+        )
+    return specials[0], got
