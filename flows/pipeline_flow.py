@@ -50,6 +50,7 @@ from flows.streaming import stream_command
 from pipeline.config import load_config
 from pipeline.config.params_file import apply_to_params
 from pipeline.core.errors import EXIT_TRANSIENT, is_transient
+from pipeline.core.names import STAGES
 from pipeline.ops.launch import describe_status, exit_record_path, read_exit_record, shell_status
 from pipeline.ops.tracking import (
     DVC_EXP_ENV,
@@ -59,7 +60,6 @@ from pipeline.ops.tracking import (
     open_parent_run,
 )
 from pipeline.ops.workspace_lock import workspace_lock
-from pipeline.stages import STAGES
 
 # The figures shown per stage in the run summary: (label, path into reports/<stage>.json).
 KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {

@@ -157,7 +157,7 @@ def _flow_project(base: Path, *, commit: bool, remote_ok: bool) -> Path:
 
     from conftest import make_project
 
-    from pipeline.stages import STAGES
+    from pipeline.core.names import STAGES
 
     root = make_project(base / "proj", overrides=["tracking.enabled=true"])
     (root / "stub.py").write_text(_STUB)

@@ -11,6 +11,7 @@ from conftest import cfg_for
 from pipeline.core.errors import GateFailed
 from pipeline.core.io import tree_md5
 from pipeline.data.clean import split_of, text_digest
+from pipeline.data.expectations import GateThresholds
 from pipeline.stages import validate
 
 CLEAN_DOCS = [f"Document number {i} talks about topic {i % 7} at some length." for i in range(300)]
@@ -130,3 +131,12 @@ def test_stage_main_exits_nonzero_with_a_readable_message(project, capsys, monke
     err = capsys.readouterr().err
     assert "stage validate failed" in err and "null_count" in err
     assert validate.main(["--set", "validate.nope=1"]) == 2
+
+
+def test_gate_thresholds_are_the_validate_keys_of_the_same_names(project):
+    """The library builds the thresholds (synthesize uses them too, without the stage)."""
+    cfg = cfg_for(project, "validate.min_chars=7", "validate.pii_mostly=0.5")
+    t = GateThresholds.from_params(cfg.validate)
+    assert (t.min_chars, t.pii_mostly) == (7, 0.5)
+    v = cfg.validate
+    assert (t.max_rows, t.min_rows_per_source) == (v.max_rows, v.min_rows_per_source)

@@ -14,8 +14,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
-
 from pipeline.config.loader import (
     PARAMS_FILE,
     apply_override,
@@ -45,6 +43,10 @@ def apply_to_params(root: Path, preset: str | None, overrides: list[str]) -> lis
     delta: dict[str, Any] = preset_overrides(root, preset) if preset else {}
     for item in overrides:
         apply_override(delta, *parse_override(item))
+    # ruamel keeps params.yaml's comments; imported here because the GPU machine, which
+    # loads this package's config, has pyyaml but not ruamel (only the flow writes params).
+    from ruamel.yaml import YAML
+
     yaml = YAML()
     yaml.preserve_quotes = True
     path = root / PARAMS_FILE

@@ -1,0 +1,1 @@
+"""Bottom layer: errors, atomic file writes, seeding, progress, markdown tables, plots, names."""

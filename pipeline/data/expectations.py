@@ -11,6 +11,7 @@ and the printable-character helpers are plain Python so the streaming pass can s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,6 +26,8 @@ from pipeline.core.errors import LmforgeError
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from pipeline.config.schema import ValidateConfig
 
 # Both regexes avoid lookarounds, \d, \w and \s, so pandas runs them on pyarrow's RE2 engine
 # (fast) and Python's `re` gives the same answers in the streaming pass.
@@ -83,6 +86,11 @@ class GateThresholds:
     min_printable_fraction: float
     pii_mostly: float
     min_rows_per_source: int
+
+    @classmethod
+    def from_params(cls, validate: ValidateConfig) -> GateThresholds:
+        """The gate's thresholds are the `validate.*` keys of the same names."""
+        return cls(**{f.name: getattr(validate, f.name) for f in dataclasses.fields(cls)})
 
     def __post_init__(self) -> None:
         """Reject inconsistent bounds up front: GX would silently pass or fail everything."""

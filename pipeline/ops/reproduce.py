@@ -176,7 +176,7 @@ def compare(root: Path, rev: str, work: Path, metric_files: list[str]) -> Compar
 def metric_files(cfg: Config, root: Path) -> list[str]:
     """The DVC metrics files of dvc.yaml's stages, relative to the root."""
     reports = cfg.path("reports").relative_to(cfg.root)
-    from pipeline.stages import STAGES
+    from pipeline.core.names import STAGES
 
     return [str(reports / f"{stage}.json") for stage in STAGES]
 

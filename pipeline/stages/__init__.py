@@ -1,3 +1,4 @@
-"""The stages of the chain, one module each, in the order the pipeline runs them."""
+"""The stages of the chain, one module each: `python -m pipeline.stages.<name>`.
 
-STAGES = ("validate", "synthesize", "tokenizer", "pretrain", "finetune", "evaluate", "register")
+Their names and order are `pipeline.core.names.STAGES`.
+"""

@@ -36,7 +36,7 @@ from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from pipeline.core.seeding import derive_seed
 from pipeline.data.clean import CorpusScan, normalize
 from pipeline.data.drift import NGramIndex, length_distance, unigram_kl
-from pipeline.data.expectations import run_gate
+from pipeline.data.expectations import GateThresholds, run_gate
 from pipeline.data.finetune_set import (
     Example,
     continuation_examples,
@@ -47,7 +47,6 @@ from pipeline.data.ingest import SCHEMA, storyworld_spec
 from pipeline.data.ngram import NGramModel
 from pipeline.ops.stage_runner import stage_main
 from pipeline.ops.tracking import start_run
-from pipeline.stages.validate import thresholds
 
 log = logging.getLogger(__name__)
 STAGE = "synthesize"
@@ -129,7 +128,9 @@ def check_synthetic(cfg: Config, docs: list[str], label: str, real: list[str]) -
     )
     scan.add(table)
     # Same thresholds as the real corpus, except its size bounds, which a sample need not meet.
-    gate_cfg = dataclasses.replace(thresholds(cfg), min_rows=1, min_rows_per_source=1)
+    gate_cfg = dataclasses.replace(
+        GateThresholds.from_params(cfg.validate), min_rows=1, min_rows_per_source=1
+    )
     gate = run_gate(scan.sample_frame(), scan.aggregates(), gate_cfg, None)
     drift = {
         "unigram_kl_bits": unigram_kl(docs, real),

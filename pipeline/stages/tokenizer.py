@@ -120,30 +120,6 @@ def _num_rows(path: Path) -> int:
     return _open_texts(path).metadata.num_rows
 
 
-class EncodeProgress:
-    """Documents (with ETA from the parquet's row count), megabytes and MB/s, every 5 s."""
-
-    def __init__(self, label: str, total_docs: int, every: float = 5.0) -> None:
-        # The inner Progress never logs by itself (every=inf): this class decides when.
-        self.docs = Progress(f"{STAGE}: encode {label}", total_docs, " docs", every=float("inf"))
-        self.bytes, self.every, self._last = 0, every, time.perf_counter()
-
-    def update(self, docs: int, n_bytes: int) -> None:
-        self.docs.update(docs)
-        self.bytes += n_bytes
-        if time.perf_counter() - self._last >= self.every:
-            self._last = time.perf_counter()
-            log.info(self.line())
-
-    def line(self) -> str:
-        elapsed = max(time.perf_counter() - self.docs.start, 1e-9)
-        mb = self.bytes / 1e6
-        return f"{self.docs.line()}; {mb:.1f} MB at {mb / elapsed:.2f} MB/s"
-
-    def close(self) -> None:
-        log.info(self.line() + " (done)")
-
-
 def encoded_batches(
     tok: Tokenizer, src: Path, batch_docs: int
 ) -> Iterator[tuple[list[list[int]], int]]:
@@ -174,13 +150,14 @@ def encode_split(
     dtype follows the vocabulary size. The shard appears at `dst` only when complete.
     """
     dtype = token_dtype(tok.get_vocab_size())
-    progress = EncodeProgress(label or src.stem, _num_rows(src))
+    # Documents against the parquet's row count (for the ETA), and bytes for MB/s.
+    progress = Progress(f"{STAGE}: encode {label or src.stem}", _num_rows(src), " docs")
     docs = n_bytes = 0
     with ShardWriter(dst, dtype) as writer:
         for ids, size in encoded_batches(tok, src, batch_docs):
             writer.write_docs(ids, eot_id)
             docs, n_bytes = docs + len(ids), n_bytes + size
-            progress.update(len(ids), size)
+            progress.update(len(ids), n_bytes=size)
     progress.close()
     return SplitStats(tokens=writer.tokens, bytes=n_bytes, docs=docs)
 

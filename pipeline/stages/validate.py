@@ -43,12 +43,6 @@ log = logging.getLogger(__name__)
 STAGE = "validate"
 
 
-def thresholds(cfg: Config) -> GateThresholds:
-    """The gate's thresholds are the `validate.*` keys of the same names."""
-    names = [f.name for f in dataclasses.fields(GateThresholds)]
-    return GateThresholds(**{n: getattr(cfg.validate, n) for n in names})
-
-
 def scan_corpus(cfg: Config, out_dir: Path) -> CorpusScan:
     """Stream every source once, writing cleaned rows to `<out_dir>/<split>.parquet`."""
     scan = CorpusScan(cfg.validate, derive_seed(cfg.seed, STAGE, "gx-sample"))
@@ -96,7 +90,12 @@ def run(cfg: Config) -> dict[str, Any]:
         ):
             scan = scan_corpus(cfg, out_tmp)
             log.info("validate: running the Great Expectations suites")
-            gate = run_gate(scan.sample_frame(), scan.aggregates(), thresholds(cfg), docs_tmp)
+            gate = run_gate(
+                scan.sample_frame(),
+                scan.aggregates(),
+                GateThresholds.from_params(cfg.validate),
+                docs_tmp,
+            )
             report = build_report(scan, gate)
             if not gate.success:
                 path = _keep_failure(cfg, report, docs_tmp)
