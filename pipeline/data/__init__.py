@@ -1,0 +1,1 @@
+"""Data: ingest, cleaning, Great Expectations suites, the story world, the n-gram mimic, drift."""

@@ -1,0 +1,1 @@
+"""Operations: MLflow tracking, the stage runner, the workspace lock, reproduce, the launcher."""

@@ -38,7 +38,8 @@ from pipeline.core.errors import LmforgeError
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from pipeline.core.progress import Progress
 from pipeline.core.seeding import derive_seed
-from pipeline.model.gpt import GPT, GPTConfig, configure_optimizer
+from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.model.load import read_model_files
 from pipeline.ops.stage_runner import stage_main
 from pipeline.text.shards import read_meta, read_shard
 from pipeline.text.task_data import (
@@ -52,6 +53,7 @@ from pipeline.text.task_data import (
 from pipeline.text.tokenizer import load_tokenizer
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batches import sample_batch
+from pipeline.train.optim import configure_optimizer
 from pipeline.train.sam import SAM, sam_step
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class Data:
 
 
 def load_pretrained(cfg: Config) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    return ckpt.read_model_files(cfg.path("pretrain"), hint="run `dvc repro pretrain`")
+    return read_model_files(cfg.path("pretrain"), hint="run `dvc repro pretrain`")
 
 
 def task_data(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Data:

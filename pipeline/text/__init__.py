@@ -1,0 +1,1 @@
+"""Text to tokens: the BPE tokenizer, token shards, the fine-tuning task data."""
