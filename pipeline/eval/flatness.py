@@ -7,13 +7,14 @@ module applies them to the weights the finetune stage wrote, on fixed test batch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, FinetuneConfig
 from pipeline.eval.sharpness import epsilon_sharpness, hessian_extreme_eigenvalues
 from pipeline.model.load import load_model
 from pipeline.train.batches import eval_batches
@@ -58,16 +59,28 @@ def sharpness_table(cfg: Config, test_tokens: np.ndarray, seed: int) -> dict[str
 
     table = {}
     for method, path in weights.items():
-        model = load_model(folder, path)
-        sharp = epsilon_sharpness(model, loss_fn, f.sharpness_rho, f.sharpness_steps)
-        eig = hessian_extreme_eigenvalues(model, loss_fn, iters=f.hessian_iters)
-        table[method] = {
-            "sharpness": sharp["sharpness"],
-            "hessian_max_eig": eig["max"],
-            "hessian_min_eig": eig["min"],
-            "hessian_max_residual": eig["max_residual"],
-            "hessian_min_residual": eig["min_residual"],
-            "hessian_converged": eig["max_converged"] and eig["min_converged"],
-            "test_loss": sharp["base_loss"],
-        }
+        measures, base_loss = flatness_measures(load_model(folder, path), loss_fn, f)
+        table[method] = {**measures, "test_loss": base_loss}
     return table
+
+
+def flatness_measures(
+    model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor], f: FinetuneConfig
+) -> tuple[dict[str, Any], float]:
+    """The flatness of `model` on `loss_fn`, as finetune and evaluate both report it.
+
+    Epsilon-sharpness in a ball of radius `finetune.sharpness_rho`, and the largest and
+    smallest Hessian eigenvalues by Lanczos (`finetune.hessian_iters` Hessian-vector products
+    each) with their residuals and whether both converged; also the loss at the weights.
+    """
+    sharp = epsilon_sharpness(model, loss_fn, f.sharpness_rho, f.sharpness_steps)
+    eig = hessian_extreme_eigenvalues(model, loss_fn, iters=f.hessian_iters)
+    measures = {
+        "sharpness": sharp["sharpness"],
+        "hessian_max_eig": eig["max"],
+        "hessian_min_eig": eig["min"],
+        "hessian_max_residual": eig["max_residual"],
+        "hessian_min_residual": eig["min_residual"],
+        "hessian_converged": eig["max_converged"] and eig["min_converged"],
+    }
+    return measures, sharp["base_loss"]

@@ -212,25 +212,15 @@ def measure(model: GPT, data: Data, cfg: Config) -> dict[str, Any]:
     Hessian eigenvalues by Lanczos (`finetune.hessian_iters` Hessian-vector products for
     each), with their residuals ||Hv - lambda v|| / ||v|| and whether both converged.
     """
-    from pipeline.eval.sharpness import epsilon_sharpness, hessian_extreme_eigenvalues
+    from pipeline.eval.flatness import flatness_measures
 
-    f = cfg.finetune
     x, y = data.eval_batch
 
     def loss_fn(m: torch.nn.Module) -> torch.Tensor:
         return m(x, y)[1]
 
-    sharp = epsilon_sharpness(model, loss_fn, f.sharpness_rho, f.sharpness_steps)
-    eig = hessian_extreme_eigenvalues(model, loss_fn, iters=f.hessian_iters)
-    return {
-        **data.score(model),
-        "sharpness": sharp["sharpness"],
-        "hessian_max_eig": eig["max"],
-        "hessian_min_eig": eig["min"],
-        "hessian_max_residual": eig["max_residual"],
-        "hessian_min_residual": eig["min_residual"],
-        "hessian_converged": eig["max_converged"] and eig["min_converged"],
-    }
+    measures, _ = flatness_measures(model, loss_fn, cfg.finetune)
+    return {**data.score(model), **measures}
 
 
 def comparison_markdown(results: dict[str, dict[str, Any]], chosen: str) -> str:
