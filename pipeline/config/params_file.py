@@ -10,6 +10,7 @@ atomically, so a bad override leaves it untouched.
 
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 from typing import Any
@@ -51,22 +52,14 @@ def apply_to_params(root: Path, preset: str | None, overrides: list[str]) -> lis
     yaml.preserve_quotes = True
     path = root / PARAMS_FILE
     doc = yaml.load(path.read_text(encoding="utf-8"))
-    before = _plain(doc)
+    before = copy.deepcopy(doc)  # a snapshot: _assign edits `doc` in place
     _assign(doc, delta)
     buf = io.StringIO()
     yaml.dump(doc, buf)
-    changed = _diff_keys(before, _plain(doc))
+    changed = _diff_keys(before, doc)
     if changed:
         atomic_write_text(path, buf.getvalue())
     return changed
-
-
-def _plain(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    return node
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from pipeline.core.nested import flatten
 
 
 def markdown(report: dict[str, Any], gens: dict[str, list[str]], k: int) -> str:
@@ -90,16 +91,10 @@ def _decoding_section(generation: dict[str, dict[str, float]], task: float | Non
     return lines
 
 
-def flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+def flat_numbers(d: dict[str, Any]) -> dict[str, float]:
     """Every finite number of a nested report, keyed by its dotted path (MLflow metrics).
 
-    Booleans, strings, lists and non-finite values (an infinite KL) are left out: MLflow
-    metrics are finite floats.
+    Booleans, strings, lists (tables are in the markdown) and non-finite values (an infinite
+    KL) are left out: MLflow metrics are finite floats. The walk is `core.nested.flatten`.
     """
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat_numbers(v, f"{prefix}{k}."))
-        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-            out[f"{prefix}{k}"] = float(v)
-    return out
+    return flatten(d, numbers_only=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.core.io import file_md5
+from pipeline.core.nested import flatten
 
 PARENT_RUN_ENV = "LMFORGE_PARENT_RUN_ID"
 FLOW_RUN_ENV = "LMFORGE_FLOW_RUN_ID"
@@ -33,21 +34,6 @@ _BATCH = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
 _BAD_METRIC_CHARS = re.compile(r"[^\w\-. :/]")
 
 log = logging.getLogger(__name__)
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists of mappings are indexed: 'a.0.b'."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        elif isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
-            for i, x in enumerate(v):
-                out.update(flatten(x, f"{key}.{i}."))
-        else:
-            out[key] = v
-    return out
 
 
 def metric_name(key: str) -> str:
@@ -99,7 +85,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params, lists="index").items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -110,7 +96,8 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        for k, v in flatten(metrics).items():
+        # not numbers_only: a NaN or infinite metric is still sent, as MLflow accepts it
+        for k, v in flatten(metrics, lists="index").items():
             if isinstance(v, int | float) and not isinstance(v, bool):
                 self._pending.append(Metric(metric_name(k), float(v), now, step))
         if len(self._pending) >= _BATCH:
