@@ -10,9 +10,11 @@ import torch
 from conftest import cfg_for, prepared_project
 from torch.optim.swa_utils import AveragedModel
 
+from pipeline.eval.comparison import comparison_markdown
 from pipeline.stages import finetune, pretrain, synthesize, tokenizer, validate
 from pipeline.text.task_data import IGNORE, tokenize
 from pipeline.train import checkpoint as ckpt
+from pipeline.train import finetune as ft
 
 SMALL = [
     "model.n_layer=2",
@@ -70,9 +72,9 @@ def test_swa_weights_are_the_mean_of_the_snapshots(pretrained, monkeypatch):
         return real_update(self, model)
 
     monkeypatch.setattr(AveragedModel, "update_parameters", record)
-    gcfg, weights = finetune.load_pretrained(cfg)
-    data = finetune.task_data(cfg, gcfg, torch.device("cpu"))
-    model = finetune.train_method("swa", cfg, gcfg, weights, data, torch.device("cpu"))
+    gcfg, weights = ft.load_pretrained(cfg)
+    data = ft.task_data(cfg, gcfg, torch.device("cpu"))
+    model = ft.train_method("swa", cfg, gcfg, weights, data, torch.device("cpu"))
     assert len(snapshots) == 3  # steps 3, 4, 5 of 6 with swa_start 0.5
     for name, value in model.state_dict().items():
         mean = torch.stack([s[name] for s in snapshots]).mean(0)
@@ -82,7 +84,7 @@ def test_swa_weights_are_the_mean_of_the_snapshots(pretrained, monkeypatch):
 def test_compare_runs_every_method_from_the_same_start(pretrained):
     cfg = cfg_for(pretrained, "finetune.compare=true", "finetune.method=sam")
     report = finetune.run(cfg)
-    assert set(report["methods"]) == set(finetune.METHODS)
+    assert set(report["methods"]) == set(ft.METHODS)
     for r in report["methods"].values():
         assert 0 <= r["task_accuracy"] <= 1 and r["answer_loss"] > 0
         assert r["sharpness"] >= 0 and r["hessian_min_eig"] <= r["hessian_max_eig"]
@@ -143,7 +145,7 @@ def test_comparison_markdown_states_flatter_and_not_flatter():
         "sam": numbers(0.15, 68.0, 0.1),
         "swa": numbers(0.5, 400.0, -21.8),
     }
-    md = finetune.comparison_markdown(results, "sam")
+    md = comparison_markdown(results, "sam")
     assert "| sam (moves on) | 1.0000 | 0.500 | 0.15 | 68 | 0.1 | 0.01, 0.02 | yes |" in md
     assert (
         "- sam is flatter than adamw by ε-sharpness (0.15 vs 0.39) "
@@ -159,11 +161,11 @@ def test_comparison_markdown_states_flatter_and_not_flatter():
 
 def test_methods_differ_but_each_is_deterministic(pretrained):
     cfg = cfg_for(pretrained)
-    gcfg, weights = finetune.load_pretrained(cfg)
-    data = finetune.task_data(cfg, gcfg, torch.device("cpu"))
-    a = finetune.train_method("adamw", cfg, gcfg, weights, data, torch.device("cpu"))
-    b = finetune.train_method("adamw", cfg, gcfg, weights, data, torch.device("cpu"))
-    s = finetune.train_method("sam", cfg, gcfg, weights, data, torch.device("cpu"))
+    gcfg, weights = ft.load_pretrained(cfg)
+    data = ft.task_data(cfg, gcfg, torch.device("cpu"))
+    a = ft.train_method("adamw", cfg, gcfg, weights, data, torch.device("cpu"))
+    b = ft.train_method("adamw", cfg, gcfg, weights, data, torch.device("cpu"))
+    s = ft.train_method("sam", cfg, gcfg, weights, data, torch.device("cpu"))
     sd_a, sd_b, sd_s = a.state_dict(), b.state_dict(), s.state_dict()
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     assert any(not torch.equal(sd_a[k], sd_s[k]) for k in sd_a)
@@ -197,9 +199,9 @@ def test_replay_keeps_the_language_model(pretrained):
         cfg = cfg_for(
             pretrained, "finetune.lr=0.01", "finetune.max_steps=25", f"finetune.replay={replay}"
         )
-        gcfg, weights = finetune.load_pretrained(cfg)
-        data = finetune.task_data(cfg, gcfg, device)
+        gcfg, weights = ft.load_pretrained(cfg)
+        data = ft.task_data(cfg, gcfg, device)
         assert (data.replay_batch is None) == (replay == 0)
-        model = finetune.train_method("adamw", cfg, gcfg, weights, data, device)
+        model = ft.train_method("adamw", cfg, gcfg, weights, data, device)
         losses[replay] = _corpus_loss(model, cfg)
     assert losses[2.0] < losses[0.0] - 0.1, losses

@@ -19,9 +19,9 @@ from conftest import cfg_for, make_project
 from pipeline.core.errors import LmforgeError
 from pipeline.core.io import atomic_write_json, atomic_write_text
 from pipeline.core.markdown import si
+from pipeline.eval.comparison import comparison_markdown
 from pipeline.eval.report import markdown as evaluate_markdown
 from pipeline.serve.model_card import CardInputs, render_model_card
-from pipeline.stages import finetune
 
 SECTIONS = (
     "Data",
@@ -216,7 +216,7 @@ def write_run(root: Path, reports: dict[str, dict], meta: dict | None = META) ->
             from pipeline.eval.sharpness import flatness_verdict
 
             report["flatness"] = flatness_verdict(report["methods"])
-            md = finetune.comparison_markdown(report["methods"], report["method"])
+            md = comparison_markdown(report["methods"], report["method"])
             atomic_write_text(root / "reports" / "finetune.md", md)
         if stage == "evaluate":
             atomic_write_text(root / "reports" / "evaluate.md", evaluate_markdown(report, GENS, 1))

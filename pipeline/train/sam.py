@@ -11,10 +11,11 @@ SAM minimises max_{‖ε‖≤ρ} L(w + ε) with one ascent and one descent per 
 (frozen, or unused by this loss) are neither perturbed nor counted.
 
     sam = SAM(model.parameters(), torch.optim.AdamW(model.parameters(), lr=1e-3), rho=0.05)
-    loss = sam_step(model, sam, lambda: model(x, y)[1])
+    loss = sam_step(sam, lambda: model(x, y)[1])
 
-`sam_step` does the two forward/backward passes, and handles DDP (see its docstring). The module
-imports only torch and the standard library.
+`sam_step` does the two forward/backward passes. It is written for one process, which is how
+fine-tuning runs (pipeline/stages/finetune.py): it has no DistributedDataParallel handling. The
+module imports only torch and the standard library.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 
 class SAM:
@@ -130,76 +130,25 @@ class SAM:
                 p.grad.zero_()
 
 
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
-
-
-@torch.no_grad()
-def average_gradients(params: list[Tensor]) -> None:
-    """Average `.grad` over all processes in place (one flat all-reduce per device and dtype).
-
-    Every rank must hold gradients for the same parameters, as DDP itself requires.
-    """
-    world = dist.get_world_size()
-    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    for grads in buckets.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
 def sam_step(
-    model: nn.Module,
     optimizer: SAM,
     loss_fn: Callable[[], Tensor],
-    ddp: bool | None = None,
     clip: float = 0.0,
 ) -> Tensor:
     """One SAM step: ascent at w, descent with ∇L(w + e_w); returns the loss at w (detached).
 
     `loss_fn()` runs the forward pass on this step's batch and returns the scalar loss; it is
     called twice (at w and at w + e_w), so with dropout the two passes draw different masks.
-    `ddp=None` detects a DistributedDataParallel model. `clip > 0` clips the norm of the
-    gradient the base optimizer applies (the one at w + e_w); the ascent direction needs no
-    clipping, since e_w depends only on the direction of g (its norm divides out).
-
-    Under DDP the first backward runs in `model.no_sync()`, so DDP's bucketed all-reduce does
-    not fire; we then average those gradients over ranks ourselves, once, before `first_step`.
-    The original SAM code instead perturbs each replica along its local gradient ("m-sharpness"
-    with m = the per-rank batch), which makes the result depend on the number of processes.
-    Averaging makes e_w the ascent direction of the global batch, so N processes on N shards
-    compute exactly what one process computes on the whole global batch (tested with 2 vs 1).
-    It costs one extra all-reduce of the gradients per step, the same traffic as the second,
-    normal, DDP-synced backward, which averages the gradient at w + e_w. The returned loss is
-    this rank's; average it with `distributed.all_reduce_mean` for logging.
+    `clip > 0` clips the norm of the gradient the base optimizer applies (the one at w + e_w);
+    the ascent direction needs no clipping, since e_w depends only on the direction of g (its
+    norm divides out).
     """
-    if ddp is None:
-        ddp = _is_ddp(model)
-    if ddp and not _is_ddp(model):
-        raise ValueError("sam_step(ddp=True) needs a DistributedDataParallel-wrapped model")
-    distributed = ddp and dist.is_available() and dist.is_initialized()
-    distributed = distributed and dist.get_world_size() > 1
-
-    if ddp:
-        with model.no_sync():
-            loss = loss_fn()
-            loss.backward()
-    else:
-        loss = loss_fn()
-        loss.backward()
-    if distributed:
-        average_gradients(optimizer.params)  # the global gradient: see the docstring
+    loss = loss_fn()
+    loss.backward()
     optimizer.first_step()
     optimizer.zero_grad()
 
-    loss_fn().backward()  # at w + e_w; DDP all-reduces this one as usual
+    loss_fn().backward()  # at w + e_w
     if clip > 0:
         with_grad = [p for p in optimizer.params if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(with_grad, clip)

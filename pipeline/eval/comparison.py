@@ -1,0 +1,81 @@
+"""The comparison of fine-tuning methods: per-method measures, report, markdown and chart.
+
+`measure` scores one fine-tuned model (held-out answer loss, task accuracy, flatness);
+`comparison_report` is `reports/finetune.json`, ending with sentences generated from the
+numbers that say whether each method is flatter than adamw, or NOT, by each measure
+(`flatness_verdict`); `comparison_markdown` is `reports/finetune.md`; `comparison_chart`
+draws the bar chart of the `PLOTTED` numbers for MLflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config
+from pipeline.core.plots import bar_chart_png
+from pipeline.eval.flatness import flatness_measures
+from pipeline.eval.sharpness import flatness_verdict
+from pipeline.model.gpt import GPT
+from pipeline.train.finetune import Data
+
+# The per-method numbers of the comparison that the bar chart shows (residuals and the
+# convergence flag are in the JSON and the table, not worth a panel each).
+PLOTTED = ("answer_loss", "task_accuracy", "sharpness", "hessian_max_eig", "hessian_min_eig")
+
+
+def measure(model: GPT, data: Data, cfg: Config) -> dict[str, Any]:
+    """Held-out answer loss, task accuracy, and the flatness of the final weights.
+
+    Flatness on the fixed held-out batch: epsilon-sharpness, and the largest and smallest
+    Hessian eigenvalues by Lanczos (`finetune.hessian_iters` Hessian-vector products for
+    each), with their residuals ||Hv - lambda v|| / ||v|| and whether both converged.
+    """
+    x, y = data.eval_batch  # (B, T) token ids each
+
+    def loss_fn(m: torch.nn.Module) -> torch.Tensor:
+        return m(x, y)[1]
+
+    f = cfg.finetune
+    measures, _ = flatness_measures(
+        model, loss_fn, f.sharpness_rho, f.sharpness_steps, f.hessian_iters
+    )
+    return {**data.score(model), **measures}
+
+
+def comparison_report(
+    results: dict[str, dict[str, Any]], chosen: str, compare: bool
+) -> dict[str, Any]:
+    """`reports/finetune.json`: the chosen method, every method's numbers, what they show."""
+    report: dict[str, Any] = {"method": chosen, "compare": compare, "methods": results}
+    report["flatness"] = flatness_verdict(results)  # the sentences finetune.md ends with
+    return report
+
+
+def comparison_markdown(results: dict[str, dict[str, Any]], chosen: str) -> str:
+    """The comparison table, then what its numbers show (`flatness_verdict`), as bullets."""
+    lines = [
+        "| method | held-out answer loss | task accuracy | epsilon-sharpness "
+        "| largest Hessian eig. | smallest Hessian eig. | Lanczos residuals (largest, smallest) "
+        "| converged |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m, r in results.items():
+        mark = " (moves on)" if m == chosen else ""
+        lines.append(
+            f"| {m}{mark} | {r['answer_loss']:.4f} | {r['task_accuracy']:.3f} | "
+            f"{r['sharpness']:.4g} | {r['hessian_max_eig']:.4g} | {r['hessian_min_eig']:.4g} | "
+            f"{r['hessian_max_residual']:.2g}, {r['hessian_min_residual']:.2g} | "
+            f"{'yes' if r['hessian_converged'] else 'no'} |"
+        )
+    lines += ["", "What the numbers show (lower is flatter):", ""]
+    lines += [f"- {sentence}" for sentence in flatness_verdict(results)]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_chart(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """A bar chart of the `PLOTTED` numbers per method at `path`; None without matplotlib."""
+    plotted = {m: {k: r[k] for k in PLOTTED} for m, r in results.items()}
+    return bar_chart_png(plotted, path)

@@ -1,0 +1,223 @@
+"""Fine-tuning from the pretrained weights: the data of each mode and the per-method loop.
+
+Methods (`finetune.method`, all in `train_method`):
+- `adamw`: the baseline;
+- `sam`: sharpness-aware minimization (pipeline/train/sam.py): the gradient is taken at
+  w + rho * g / ||g|| and the AdamW step applied at w (ASAM with `sam_adaptive`);
+- `swa`: AdamW, then from `swa_start` of training `torch.optim.swa_utils.AveragedModel`
+  averages the weights (EMA with `swa_ema`) while `SWALR` holds the learning rate;
+- `sam+swa`: both.
+
+Data (`finetune.data`): `task_data` trains on the answers of synthesize's fine-tuning set
+(optionally mixed with pretraining batches, `replay_batches`) and scores held-out exact
+match; `corpus_data` keeps training on the pretrain shards and scores validation loss.
+Batches are a function of the step, so every method sees the same batches in the same order.
+
+Fine-tuning runs as one process; the measures and the comparison report of the methods are
+in pipeline/eval/comparison.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
+
+from pipeline.config import Config, FinetuneConfig
+from pipeline.core.errors import LmforgeError
+from pipeline.core.names import FINETUNE_TEST, FINETUNE_TRAIN, TOKENIZER_FILE
+from pipeline.core.progress import Progress
+from pipeline.core.seeding import derive_seed
+from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.model.load import read_model_files
+from pipeline.text.shards import read_meta, read_shard
+from pipeline.text.task_data import (
+    TaskSet,
+    batch_indices,
+    collate,
+    evaluate_task,
+    read_examples,
+    tokenize,
+)
+from pipeline.text.tokenizer import load_tokenizer
+from pipeline.train.batches import sample_batch
+from pipeline.train.optim import configure_optimizer
+from pipeline.train.sam import SAM, sam_step
+
+METHODS = ("adamw", "sam", "swa", "sam+swa")
+# The scope of every seed derived here. It is the stage's name, and it must stay the same
+# string: the batches, replay batches and dropout masks (hence the weights) depend on it.
+SEED_SCOPE = "finetune"
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (x, y), each (B, T) token ids
+
+
+@dataclasses.dataclass
+class Data:
+    """Where batches come from and how a model is scored, for task or corpus fine-tuning."""
+
+    batch: Callable[[int], Batch]  # step -> (x, y)
+    score: Callable[[torch.nn.Module], dict[str, float]]
+    eval_batch: Batch  # a fixed batch for sharpness
+    # step -> a pretraining-corpus batch, for `finetune.replay` (None: no replay)
+    replay_batch: Callable[[int], Batch] | None = None
+
+
+def load_pretrained(cfg: Config) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """The pretrain stage's model config and weights (a clear error when they are missing)."""
+    return read_model_files(cfg.path("pretrain"), hint="run `dvc repro pretrain`")
+
+
+def load_data(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Data:
+    """The data of `finetune.data`: the task set, or the pretraining corpus."""
+    return (task_data if cfg.finetune.data == "task" else corpus_data)(cfg, gcfg, device)
+
+
+def task_data(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Data:
+    """The fine-tuning set from synthesize: train on answers, score held-out exact match."""
+    tok_dir, f = cfg.path("tokenizer"), cfg.finetune
+    tok, eot = load_tokenizer(tok_dir / TOKENIZER_FILE), read_meta(tok_dir)["eot_id"]
+    syn = cfg.path("synthetic")
+    train = tokenize(tok, read_examples(syn / FINETUNE_TRAIN), eot, gcfg.block_size)
+    test = tokenize(tok, read_examples(syn / FINETUNE_TEST), eot, gcfg.block_size)
+    if f.eval_examples:
+        test = TaskSet(
+            *(getattr(test, k)[: f.eval_examples] for k in ("inputs", "labels", "answers"))
+        )
+    seed = derive_seed(cfg.seed, SEED_SCOPE, "batches")
+
+    def batch(step: int) -> Batch:
+        x, y = collate(train, batch_indices(len(train), f.micro_batch_size, seed, step), eot)
+        return x.to(device), y.to(device)
+
+    fixed = collate(test, list(range(min(len(test), f.micro_batch_size))), eot)
+    return Data(
+        batch,
+        lambda m: evaluate_task(m, test, eot, f.micro_batch_size, device),
+        (fixed[0].to(device), fixed[1].to(device)),
+        replay_batches(cfg, gcfg, device) if f.replay > 0 else None,
+    )
+
+
+def replay_batches(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Callable[[int], Batch]:
+    """step -> a (x, y) batch of the pretraining train shard, seeded apart from the task's.
+
+    Answer-only fine-tuning alone makes a small model forget how to continue text (on the
+    default preset test bits/byte went from 0.32 before fine-tuning to 1.23 after); mixing
+    in the pretraining objective ("replay") keeps it a language model.
+    """
+    tok_dir, f = cfg.path("tokenizer"), cfg.finetune
+    meta = read_meta(tok_dir)
+    train = read_shard(tok_dir / meta["splits"]["train"]["file"], meta["splits"]["train"])
+    seed = derive_seed(cfg.seed, SEED_SCOPE, "replay")
+
+    def batch(step: int) -> Batch:
+        x, y = sample_batch(train, seed, step, 0, f.micro_batch_size, gcfg.block_size)
+        return x.to(device), y.to(device)
+
+    return batch
+
+
+def corpus_data(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Data:
+    """Continued language-model training on the pretrain shards, scored by val loss."""
+    tok_dir, f = cfg.path("tokenizer"), cfg.finetune
+    meta = read_meta(tok_dir)
+    train = read_shard(tok_dir / meta["splits"]["train"]["file"], meta["splits"]["train"])
+    val = read_shard(tok_dir / meta["splits"]["val"]["file"], meta["splits"]["val"])
+    seed, T = derive_seed(cfg.seed, SEED_SCOPE, "corpus"), gcfg.block_size
+    fixed = [sample_batch(val, seed, 0, i, f.micro_batch_size, T) for i in range(4)]
+
+    @torch.no_grad()
+    def score(model: torch.nn.Module) -> dict[str, float]:
+        model.eval()
+        losses = [model(x.to(device), y.to(device))[1].item() for x, y in fixed]
+        model.train()
+        return {"answer_loss": sum(losses) / len(losses), "task_accuracy": float("nan")}
+
+    def batch(step: int) -> Batch:
+        x, y = sample_batch(train, seed, step + 1, 0, f.micro_batch_size, T)
+        return x.to(device), y.to(device)
+
+    return Data(batch, score, (fixed[0][0].to(device), fixed[0][1].to(device)))
+
+
+@dataclasses.dataclass
+class _Optimizers:
+    """What one method steps with: AdamW always, SAM around it, SWA's average and schedule."""
+
+    adamw: torch.optim.Optimizer
+    sam: SAM | None
+    averaged: AveragedModel | None
+    swa_sched: SWALR | None
+
+
+def _optimizers(method: str, model: GPT, f: FinetuneConfig, device: torch.device) -> _Optimizers:
+    adamw = configure_optimizer(model, f.weight_decay, f.lr, (0.9, 0.95), device.type)
+    use_sam, use_swa = method in ("sam", "sam+swa"), method in ("swa", "sam+swa")
+    sam = (
+        SAM(model.parameters(), adamw, rho=f.sam_rho, adaptive=f.sam_adaptive) if use_sam else None
+    )
+    averaged = swa_sched = None
+    if use_swa:
+        avg_fn = get_ema_multi_avg_fn(f.swa_ema_decay) if f.swa_ema else None
+        averaged = AveragedModel(model, multi_avg_fn=avg_fn)
+        swa_sched = SWALR(adamw, swa_lr=f.swa_lr, anneal_epochs=f.swa_anneal_steps)
+    return _Optimizers(adamw, sam, averaged, swa_sched)
+
+
+def _step(
+    model: GPT, opt: _Optimizers, f: FinetuneConfig, batch: Batch, replay: Batch | None
+) -> torch.Tensor:
+    """One optimizer step (SAM's two passes, or one AdamW pass); the loss at w."""
+
+    def loss_fn() -> torch.Tensor:
+        loss = model(*batch)[1]
+        if replay is not None:  # task loss + replay weight x language-model loss
+            loss = loss + f.replay * model(*replay)[1]
+        return loss
+
+    if opt.sam is not None:
+        return sam_step(opt.sam, loss_fn, clip=f.grad_clip)
+    loss = loss_fn()
+    loss.backward()
+    if f.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), f.grad_clip)
+    opt.adamw.step()
+    opt.adamw.zero_grad(set_to_none=True)
+    return loss
+
+
+def train_method(
+    method: str, cfg: Config, gcfg: GPTConfig, weights: dict, data: Data, device: torch.device
+) -> GPT:
+    """Fine-tune a fresh copy of the pretrained model with one method; return the result."""
+    f = cfg.finetune
+    # The same dropout masks for every method, so only the method differs.
+    torch.manual_seed(derive_seed(cfg.seed, SEED_SCOPE, "dropout") % 2**63)
+    model = GPT(gcfg).to(device)
+    model.load_state_dict(weights)
+    model.train()
+    opt = _optimizers(method, model, f, device)
+    swa_begin = int(f.swa_start * f.max_steps)
+    progress = Progress(f"finetune[{method}]", total=f.max_steps, unit=" steps")
+    for step in range(f.max_steps):
+        in_swa = opt.averaged is not None and step >= swa_begin
+        if not in_swa:  # linear warm-up, then constant; SWALR owns the rate while averaging
+            for group in opt.adamw.param_groups:
+                group["lr"] = f.lr * min(1.0, (step + 1) / max(f.warmup_steps, 1))
+        batch = data.batch(step)
+        replay = data.replay_batch(step) if data.replay_batch else None
+        loss = _step(model, opt, f, batch, replay)
+        if not math.isfinite(loss.item()):
+            raise LmforgeError(f"finetune[{method}]: loss is {loss.item()} at step {step}")
+        if in_swa:
+            opt.averaged.update_parameters(model)
+            opt.swa_sched.step()
+        progress.update(1)
+    progress.close()
+    if opt.averaged is not None:  # LayerNorm only: no BatchNorm statistics to recompute
+        model.load_state_dict(opt.averaged.module.state_dict())
+    return model
