@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.markdown import cell, escape_cell, fmt
+from pipeline.core.names import REGISTER_VERSION, failed_report, report_json, report_md
 
 MAX_CELL = 80
 
@@ -57,7 +58,7 @@ def summary_markdown(
 
 def gx_markdown(reports: Path) -> str | None:
     """The Great Expectations gate of `validate`, one row per expectation."""
-    report = _read(reports / "validate.json") or _read(reports / "validate.failed.json")
+    report = _read(reports / report_json("validate")) or _read(reports / failed_report("validate"))
     if not report or "gate" not in report:
         return None
     gate = report["gate"]
@@ -79,7 +80,7 @@ def gx_markdown(reports: Path) -> str | None:
 
 def evaluation_markdown(reports: Path) -> str | None:
     """reports/evaluate.md up to its samples (the tables)."""
-    path = reports / "evaluate.md"
+    path = reports / report_md("evaluate")
     if not path.is_file():
         return None
     return path.read_text().split("\n## Samples", 1)[0]
@@ -87,13 +88,13 @@ def evaluation_markdown(reports: Path) -> str | None:
 
 def registry_markdown(reports: Path) -> str | None:
     """The registered version and alias, or the reason nothing was registered."""
-    report = _read(reports / "register.json")
+    report = _read(reports / report_json("register"))
     if report is None:
         return None
     name = report.get("model_name", "")
     if not report.get("registered"):
         return f"# Not registered: {name}\n\n{report.get('reason', '')}"
-    version = _read(reports / "register_version.json") or {}
+    version = _read(reports / REGISTER_VERSION) or {}
     lines = [
         f"# Registered: {name} version {version.get('version')} as `{version.get('alias')}`",
         "",
@@ -116,7 +117,7 @@ def registry_markdown(reports: Path) -> str | None:
 def failure_markdown(stage: str, reports: Path, output_tail: str) -> str:
     """A failed stage: its failure report when it wrote one, and the end of its output."""
     lines = [f"# Stage `{stage}` failed", ""]
-    failed = _read(reports / f"{stage}.failed.json")
+    failed = _read(reports / failed_report(stage))
     if failed is not None:
         lines += [
             f"`reports/{stage}.failed.json` (the previous outputs are kept):",

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import typer
 
 from pipeline.config import ConfigError, describe, find_root, list_presets, load_config
-from pipeline.core.names import STAGES
+from pipeline.core.names import STAGES, TOKENIZER_FILE
 
 app = typer.Typer(help="lmforge: train GPT-style language models end to end.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
@@ -235,7 +235,7 @@ def export(
             folder = Path(uri)
             if _is_mlflow_uri(uri):
                 folder = _download_model(uri, Path(tmp))
-            tok = tokenizer or folder / "tokenizer.json"
+            tok = tokenizer or folder / TOKENIZER_FILE
             written = export_hf(folder, tok, out)
     except LmforgeError as e:
         _fail(str(e), 1)

@@ -50,7 +50,8 @@ from flows.streaming import stream_command
 from pipeline.config import load_config
 from pipeline.config.params_file import apply_to_params
 from pipeline.core.errors import EXIT_TRANSIENT, is_transient
-from pipeline.core.names import STAGES
+from pipeline.core.names import PLOTS_DIR, REGISTER_VERSION, STAGES, report_json
+from pipeline.core.nested import dig
 from pipeline.ops.launch import describe_status, exit_record_path, read_exit_record, shell_status
 from pipeline.ops.tracking import (
     DVC_EXP_ENV,
@@ -99,7 +100,7 @@ KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
 }
 
 # Reports beside reports/<stage>.json that the summary reads too (not DVC outputs).
-EXTRA_REPORTS = {"register": "register_version.json"}
+EXTRA_REPORTS = {"register": REGISTER_VERSION}
 
 
 # Exit status of a process stopped by SIGTERM (128 + 15); pretrain saves a checkpoint first.
@@ -155,22 +156,18 @@ def dvc(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProc
     return subprocess.run(["dvc", *args], cwd=root, env=env, capture_output=True, text=True)
 
 
-def _dig(report: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        report = report.get(key, {}) if isinstance(report, dict) else {}
-    return report if not isinstance(report, dict) else None
-
-
 def key_metrics(reports: Path, stage: str) -> dict[str, Any]:
     """The summary figures of a stage, read from its DVC metrics file in `reports`."""
-    path = reports / f"{stage}.json"
+    path = reports / report_json(stage)
     if not path.is_file():
         return {}
     report = json.loads(path.read_text())
     extra = reports / EXTRA_REPORTS.get(stage, "-")
     if extra.is_file():  # e.g. the registered version, which DVC does not track
         report |= json.loads(extra.read_text())
-    return {label: _dig(report, keys) for label, keys in KEY_METRICS.get(stage, [])}
+    figures = {label: dig(report, keys) for label, keys in KEY_METRICS.get(stage, [])}
+    # a figure is a leaf: a mapping at its path (a report of another shape) shows as absent
+    return {k: None if isinstance(v, dict) else v for k, v in figures.items()}
 
 
 def anything_stale(root: Path, env: dict[str, str]) -> bool:
@@ -266,7 +263,7 @@ def save_experiment(
     """
     tracked = [p for p in reports.glob("*.json") if not p.name.endswith(".failed.json")]
     tracked = [p for p in tracked if p.name not in EXTRA_REPORTS.values()]
-    tracked += [*reports.glob("*.md"), *(reports / "plots").glob("*.json")]
+    tracked += [*reports.glob("*.md"), *(reports / PLOTS_DIR).glob("*.json")]
     include = [a for p in sorted(tracked) for a in ("-I", str(p.relative_to(root)))]
     saved = dvc(root, env, "exp", "save", "-f", "-n", name, *include, "-I", "dvc.lock")
     if saved.returncode != 0:
@@ -375,7 +372,7 @@ def lm_pipeline(
     artifacts.publish("registered-model", artifacts.registry_markdown(reports), "model registry")
     for r in results:
         logger.info("%-11s %-20s %6.1fs  %s", r["stage"], r["status"], r["seconds"], r["metrics"])
-    registered = json.loads((reports / "register.json").read_text())
+    registered = json.loads((reports / report_json("register")).read_text())
     if errors:
         gate = "" if registered["gate"]["passed"] else "\n(the quality gate failed too)"
         raise PublishFailed("\n\n".join(errors) + gate)

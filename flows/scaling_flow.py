@@ -36,6 +36,7 @@ from prefect.runtime import flow_run
 from flows.streaming import stream_command
 from pipeline.config import Config, load_config
 from pipeline.core.io import atomic_write_json, atomic_write_text
+from pipeline.core.names import report_json
 from pipeline.ops.tracking import (
     FLOW_RUN_ENV,
     PARENT_RUN_ENV,
@@ -155,7 +156,7 @@ def run_points(
     for i, p in enumerate(points, start=1):
         logger.info("point %d/%d: %s (D = %s tokens)", i, len(points), p.name, f"{p.tokens:,}")
         argv = point_command(cfg, preset, [*overrides, *grid.point_overrides(p, cfg)])
-        report = str(cfg.root / p.report_dir / "pretrain.json")
+        report = str(cfg.root / p.report_dir / report_json("pretrain"))
         state = pretrain_point(p.name, argv, str(cfg.root), parent, report, return_state=True)
         run_id = label_child(client, parent, seen, p)
         if state.is_completed():

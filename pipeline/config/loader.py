@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.config.schema import PARAMS_FILE, PRESETS_DIR, Config, ConfigError
+from pipeline.core.names import RESOLVED_CONFIG
 
 # --------------------------------------------------------------------------------------
 # Building typed config from plain data
@@ -269,7 +270,7 @@ def load_config(
     return build_config(resolve_data(root, preset, overrides), root)
 
 
-def save_resolved(cfg: Config, out_dir: Path, name: str = "config.yaml") -> Path:
+def save_resolved(cfg: Config, out_dir: Path, name: str = RESOLVED_CONFIG) -> Path:
     """Write the resolved config next to a stage's outputs, so every output says how it was made."""
     from pipeline.core.io import atomic_write_text
 

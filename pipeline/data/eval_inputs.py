@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pyarrow.parquet as pq
 
 from pipeline.config import Config
+from pipeline.core.names import MIMIC, split_parquet
 from pipeline.core.seeding import derive_seed
 from pipeline.data.ingest import storyworld_spec
 from pipeline.data.ngram import NGramModel
@@ -42,7 +43,7 @@ def exact_sources(cfg: Config, n: int, seed: int) -> dict[str, tuple[list[str], 
         world, rng = StoryWorld(storyworld_spec(cfg)), random.Random(seed)
         stories = [world.sample(rng) for _ in range(n)]
         sources["storyworld"] = ([s.text for s in stories], [-s.log_prob / LN2 for s in stories])
-    mimic_path = cfg.path("synthetic") / "mimic.json"
+    mimic_path = cfg.path("synthetic") / MIMIC
     if mimic_path.is_file():
         mimic = NGramModel.load(mimic_path)
         docs = mimic.generate(n, seed, cfg.synthesize.mimic.max_chars)
@@ -58,7 +59,7 @@ def story_validator(cfg: Config) -> Callable[[str], bool] | None:
 def prompts_and_references(cfg: Config) -> tuple[list[str], list[str]]:
     """Prompts (first sentences of fresh stories, or starts of test docs) and held-out texts."""
     e = cfg.evaluate
-    refs = pq.read_table(cfg.path("validated") / "test.parquet", columns=["text"])
+    refs = pq.read_table(cfg.path("validated") / split_parquet("test"), columns=["text"])
     references = refs.column("text").to_pylist()[: max(e.prompts, 50)]
     if _has_storyworld(cfg):
         world = StoryWorld(storyworld_spec(cfg))

@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer
 
 from pipeline.config import Config
+from pipeline.core.names import FINETUNE_TEST
 from pipeline.eval.generation import (
     distinct_n,
     mmd2,
@@ -88,7 +89,7 @@ def generation_quality(
 
 def task_accuracy(model: GPT, tok: Tokenizer, eot: int, cfg: Config) -> float | None:
     """Exact-match accuracy on `<synthetic>/finetune_test.jsonl`; None when there is none."""
-    path = cfg.path("synthetic") / "finetune_test.jsonl"
+    path = cfg.path("synthetic") / FINETUNE_TEST
     if not path.is_file():
         return None
     task = tokenize(tok, read_examples(path), eot, model.config.block_size)

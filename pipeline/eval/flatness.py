@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Config, FinetuneConfig
+from pipeline.config import Config
+from pipeline.core.names import METHODS_DIR, WEIGHTS_FILE
 from pipeline.eval.sharpness import epsilon_sharpness, hessian_extreme_eigenvalues
 from pipeline.model.load import load_model
 from pipeline.train.batches import eval_batches
@@ -28,12 +29,12 @@ def method_weights(cfg: Config) -> dict[str, Path]:
     """
     folder = cfg.path("finetune")
     methods = (
-        sorted(p.name for p in (folder / "methods").iterdir())
-        if (folder / "methods").is_dir()
+        sorted(p.name for p in (folder / METHODS_DIR).iterdir())
+        if (folder / METHODS_DIR).is_dir()
         else []
     )
-    return {m: folder / "methods" / m / "model.safetensors" for m in methods} or {
-        cfg.finetune.method: folder / "model.safetensors"
+    return {m: folder / METHODS_DIR / m / WEIGHTS_FILE for m in methods} or {
+        cfg.finetune.method: folder / WEIGHTS_FILE
     }
 
 
@@ -59,22 +60,30 @@ def sharpness_table(cfg: Config, test_tokens: np.ndarray, seed: int) -> dict[str
 
     table = {}
     for method, path in weights.items():
-        measures, base_loss = flatness_measures(load_model(folder, path), loss_fn, f)
+        model = load_model(folder, path)
+        measures, base_loss = flatness_measures(
+            model, loss_fn, f.sharpness_rho, f.sharpness_steps, f.hessian_iters
+        )
         table[method] = {**measures, "test_loss": base_loss}
     return table
 
 
 def flatness_measures(
-    model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor], f: FinetuneConfig
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module], torch.Tensor],
+    rho: float,
+    steps: int,
+    iters: int,
 ) -> tuple[dict[str, Any], float]:
     """The flatness of `model` on `loss_fn`, as finetune and evaluate both report it.
 
-    Epsilon-sharpness in a ball of radius `finetune.sharpness_rho`, and the largest and
-    smallest Hessian eigenvalues by Lanczos (`finetune.hessian_iters` Hessian-vector products
+    Epsilon-sharpness in a ball of radius `rho` (`steps` of projected ascent), and the
+    largest and smallest Hessian eigenvalues by Lanczos (`iters` Hessian-vector products
     each) with their residuals and whether both converged; also the loss at the weights.
+    The values come from `finetune.sharpness_rho`, `sharpness_steps` and `hessian_iters`.
     """
-    sharp = epsilon_sharpness(model, loss_fn, f.sharpness_rho, f.sharpness_steps)
-    eig = hessian_extreme_eigenvalues(model, loss_fn, iters=f.hessian_iters)
+    sharp = epsilon_sharpness(model, loss_fn, rho, steps)
+    eig = hessian_extreme_eigenvalues(model, loss_fn, iters=iters)
     measures = {
         "sharpness": sharp["sharpness"],
         "hessian_max_eig": eig["max"],

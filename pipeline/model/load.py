@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.core.errors import LmforgeError
+from pipeline.core.names import MODEL_CONFIG_FILE, WEIGHTS_FILE
 from pipeline.model.gpt import GPT, GPTConfig
 
 
@@ -71,14 +72,14 @@ def read_model_files(
     `weights` replaces `folder/model.safetensors` (e.g. an SWA average beside the model);
     `hint` names the stage that writes the folder, for the error when it is missing.
     """
-    config_path = folder / "model_config.json"
+    config_path = folder / MODEL_CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: model not found{'; ' + hint if hint else ''}")
     try:
         gcfg = GPTConfig(**json.loads(config_path.read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path}: not a model config ({e})") from None
-    return gcfg, load_weights(weights or folder / "model.safetensors")
+    return gcfg, load_weights(weights or folder / WEIGHTS_FILE)
 
 
 def load_model(

@@ -29,6 +29,7 @@ import yaml
 
 from pipeline.config import Config
 from pipeline.core.errors import LmforgeError
+from pipeline.core.nested import flatten
 
 
 class ReproduceError(LmforgeError):
@@ -129,18 +130,6 @@ def lock_hashes(lock_text: str) -> dict[str, str]:
     }
 
 
-def flat_metrics(report: Any, prefix: str = "") -> dict[str, Any]:
-    """Numbers, strings and bools of a JSON report, by dotted key."""
-    if isinstance(report, dict):
-        out: dict[str, Any] = {}
-        for k, v in report.items():
-            out |= flat_metrics(v, f"{prefix}{k}.")
-        return out
-    if isinstance(report, list):
-        return {}  # tables (e.g. per-expectation lists) are compared through the hashes
-    return {prefix.rstrip("."): report}
-
-
 def metrics_at(root: Path, rev: str | None, files: list[str]) -> dict[str, Any]:
     """Flattened metrics files at git `rev` (None: the work tree at `root`)."""
     out: dict[str, Any] = {}
@@ -154,8 +143,9 @@ def metrics_at(root: Path, rev: str | None, files: list[str]) -> dict[str, Any]:
             )
             text = proc.stdout if proc.returncode == 0 else None
         if text is not None:
-            stem = Path(rel).stem
-            out |= {f"{stem}.{k}": v for k, v in flat_metrics(json.loads(text)).items()}
+            # numbers, strings, bools and None by "<stem>.<dotted key>"; lists (tables such as
+            # the per-expectation rows) leave no key: they are compared through the hashes
+            out |= flatten({Path(rel).stem: json.loads(text)}, lists="drop")
     return out
 
 
@@ -176,9 +166,9 @@ def compare(root: Path, rev: str, work: Path, metric_files: list[str]) -> Compar
 def metric_files(cfg: Config, root: Path) -> list[str]:
     """The DVC metrics files of dvc.yaml's stages, relative to the root."""
     reports = cfg.path("reports").relative_to(cfg.root)
-    from pipeline.core.names import STAGES
+    from pipeline.core.names import STAGES, report_json
 
-    return [str(reports / f"{stage}.json") for stage in STAGES]
+    return [str(reports / report_json(stage)) for stage in STAGES]
 
 
 def render(c: Comparison, original: str, reproduced: str) -> str:

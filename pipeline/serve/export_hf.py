@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from pipeline.core.errors import LmforgeError
 from pipeline.core.io import atomic_dir
+from pipeline.core.names import MODEL_CONFIG_FILE, WEIGHTS_FILE
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.model.load import read_model_files
 from pipeline.text.shards import META_FILE, read_meta
@@ -68,7 +69,7 @@ class ExportError(LmforgeError):
 # --------------------------------------------------------------------------------------
 
 
-def check_gpt2_compatible(cfg: GPTConfig, source: str = "model_config.json") -> None:
+def check_gpt2_compatible(cfg: GPTConfig, source: str = MODEL_CONFIG_FILE) -> None:
     """Raise `ExportError` listing every setting of `cfg` that HF GPT-2 cannot express.
 
     `source` names where the config came from, for the message. `mlp_ratio` is fine: GPT-2's
@@ -204,7 +205,7 @@ def _load_model(model_dir: Path) -> GPT:
             "model.safetensors, e.g. from `dvc repro finetune`)"
         )
     cfg, state = read_model_files(model_dir, hint="run `dvc repro finetune` first")
-    check_gpt2_compatible(cfg, source=str(model_dir / "model_config.json"))
+    check_gpt2_compatible(cfg, source=str(model_dir / MODEL_CONFIG_FILE))
     if "lm_head.weight" not in state and "wte.weight" in state:
         state["lm_head.weight"] = state["wte.weight"]  # tied: written once by some writers
     model = GPT(cfg)
@@ -212,7 +213,7 @@ def _load_model(model_dir: Path) -> GPT:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ExportError(
-            f"{model_dir / 'model.safetensors'}: weights do not match model_config.json ({e})"
+            f"{model_dir / WEIGHTS_FILE}: weights do not match {MODEL_CONFIG_FILE} ({e})"
         ) from None
     return model.eval()
 

@@ -26,6 +26,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.core.errors import LmforgeError
 from pipeline.core.markdown import Md, bullets, code, duration, fmt, pct, si, table
+from pipeline.core.names import MODEL_CONFIG_FILE, report_json, report_md
 from pipeline.text.shards import META_FILE
 
 MAX_SAMPLE_CHARS = 600  # a sample longer than this is cut in the card (the card is a summary)
@@ -89,10 +90,10 @@ class CardInputs:
     # tokens_per_s (pretrain's DVC metrics hold no timings: they would differ on every run)
 
     def report(self, stage: str) -> Report | None:
-        return read_report(self.cfg.path("reports") / f"{stage}.json")
+        return read_report(self.cfg.path("reports") / report_json(stage))
 
     def markdown(self, stage: str) -> str | None:
-        path = self.cfg.path("reports") / f"{stage}.md"
+        path = self.cfg.path("reports") / report_md(stage)
         return path.read_text(encoding="utf-8") if path.is_file() else None
 
     def tokenizer_meta(self) -> Report | None:
@@ -240,7 +241,7 @@ def architecture_section(inp: CardInputs) -> list[str]:
         ("parameters", f"{fmt(n)} ({si(n)})"),
     ]
     intro = "Decoder-only transformer, pre-LayerNorm, LM head tied to the token embedding."
-    return [intro, "", *table(["model_config.json", "value"], rows)]
+    return [intro, "", *table([MODEL_CONFIG_FILE, "value"], rows)]
 
 
 def compute_section(inp: CardInputs) -> list[str]:

@@ -30,6 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.core.errors import LmforgeError
+from pipeline.core.names import MODEL_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from pipeline.model.generate import STRATEGIES, DecodeConfig, generate
 from pipeline.model.gpt import GPT
 from pipeline.model.load import read_model_files
@@ -37,7 +38,7 @@ from pipeline.text.shards import META_FILE, read_meta
 from pipeline.text.tokenizer import decode, encode_docs, end_of_text, load_tokenizer
 
 # meta.json (the tokenizer stage's) names the end-of-text token; see `from_folder`.
-PACKAGE_FILES = ("model_config.json", "model.safetensors", "tokenizer.json", META_FILE)
+PACKAGE_FILES = (MODEL_CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, META_FILE)
 DEFAULTS_FILE = "generation_defaults.json"  # in a registered package: register.decoding
 
 
@@ -238,7 +239,7 @@ class TextGenerator:
         has none: then it is the tokenizer's special token at id 0 (`end_of_text`).
         """
         folder = Path(folder)
-        tok_path = Path(tokenizer_json) if tokenizer_json else folder / "tokenizer.json"
+        tok_path = Path(tokenizer_json) if tokenizer_json else folder / TOKENIZER_FILE
         if not tok_path.is_file():
             raise LmforgeError(
                 f"{tok_path}: tokenizer not found; a model package holds {', '.join(PACKAGE_FILES)}"

@@ -35,6 +35,14 @@ import torch
 
 from pipeline.config import Config
 from pipeline.core.io import atomic_write_json, atomic_write_text
+from pipeline.core.names import (
+    LOSS_BY_POSITION,
+    PLOTS_DIR,
+    RELIABILITY,
+    TOKENIZER_FILE,
+    report_json,
+    report_md,
+)
 from pipeline.core.seeding import derive_seed
 from pipeline.data.eval_inputs import exact_sources, prompts_and_references, story_validator
 from pipeline.eval.calibration import reliability_png
@@ -58,7 +66,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     torch.manual_seed(derive_seed(cfg.seed, STAGE, "torch") % 2**63)
     tok_dir = cfg.path("tokenizer")
-    meta, tok = read_meta(tok_dir), load_tokenizer(tok_dir / "tokenizer.json")
+    meta, tok = read_meta(tok_dir), load_tokenizer(tok_dir / TOKENIZER_FILE)
     eot, test_meta = meta["eot_id"], meta["splits"]["test"]
     test_tokens = read_shard(tok_dir / test_meta["file"], test_meta)
     token_bytes = token_byte_lengths(tok)  # (V,) exact bytes per id, separators 0
@@ -84,21 +92,21 @@ def run(cfg: Config) -> dict[str, Any]:
         gens = decode_all(model, tok, eot, prompts, cfg, decode_seed)
         report["generation"] = generation_quality(gens, refs, story_validator(cfg))
         reports = cfg.path("reports")
-        atomic_write_text(reports / f"{STAGE}.md", markdown(report, gens, e.samples_in_report))
+        atomic_write_text(reports / report_md(STAGE), markdown(report, gens, e.samples_in_report))
         atomic_write_json(
-            reports / "plots" / "loss_by_position.json",
+            reports / PLOTS_DIR / LOSS_BY_POSITION,
             [
                 {"position": i, "loss": v}
                 for i, v in enumerate(report["test"].pop("loss_by_position"))
             ],
         )
         diagram = report["test"]["calibration"].pop("diagram")
-        atomic_write_json(reports / "plots" / "reliability.json", diagram)
-        atomic_write_json(reports / f"{STAGE}.json", report)
+        atomic_write_json(reports / PLOTS_DIR / RELIABILITY, diagram)
+        atomic_write_json(reports / report_json(STAGE), report)
         tracker.log_metrics(flat_numbers(report))
-        for name in (f"{STAGE}.md", f"{STAGE}.json"):
+        for name in (report_md(STAGE), report_json(STAGE)):
             tracker.log_artifact(reports / name)
-        png = reliability_png(diagram, reports / "plots" / "reliability.png")
+        png = reliability_png(diagram, reports / PLOTS_DIR / "reliability.png")
         if png:
             tracker.log_artifact(png, "plots")
     return {

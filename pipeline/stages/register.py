@@ -36,7 +36,17 @@ import yaml
 from pipeline.config import Config, GateConfig
 from pipeline.core.errors import LmforgeError
 from pipeline.core.io import atomic_write_json, atomic_write_text, tree_md5
-from pipeline.core.names import STAGES
+from pipeline.core.names import (
+    MODEL_CARD,
+    MODEL_CONFIG_FILE,
+    REGISTER_VERSION,
+    RESOLVED_CONFIG,
+    STAGES,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    report_json,
+    split_parquet,
+)
 from pipeline.ops.stage_runner import stage_main
 from pipeline.ops.tracking import (
     DVC_EXP_ENV,
@@ -52,7 +62,7 @@ from pipeline.text.shards import META_FILE, read_meta
 
 log = logging.getLogger(__name__)
 STAGE = "register"
-VERSION_FILE = "register_version.json"  # the registry's answer; not a DVC output
+VERSION_FILE = REGISTER_VERSION  # the registry's answer; not a DVC output
 LIBRARY_DIR = Path(__file__).resolve().parents[1]  # `pipeline/`
 PYFUNC_FILE = LIBRARY_DIR / "serve" / "pyfunc_model.py"
 # The library packages shipped as the served model's code, and nothing else of `pipeline/`:
@@ -121,16 +131,16 @@ def build_package(cfg: Config, dest: Path) -> Path:
     model_dir, tok_dir = cfg.path("finetune"), cfg.path("tokenizer")
     dest.mkdir(parents=True)
     sources = {
-        model_dir / "model_config.json": "finetune",
-        model_dir / "model.safetensors": "finetune",
-        tok_dir / "tokenizer.json": "tokenizer",
+        model_dir / MODEL_CONFIG_FILE: "finetune",
+        model_dir / WEIGHTS_FILE: "finetune",
+        tok_dir / TOKENIZER_FILE: "tokenizer",
         tok_dir / META_FILE: "tokenizer",
     }
     for src, stage in sources.items():
         if not src.is_file():
             raise LmforgeError(f"{src}: not found; run `dvc repro {stage}` first")
         shutil.copy2(src, dest / src.name)
-    atomic_write_text(dest / "config.yaml", cfg.to_yaml())
+    atomic_write_text(dest / RESOLVED_CONFIG, cfg.to_yaml())
     defaults = {**dataclasses.asdict(cfg.register.decoding), "return_full_text": True}
     atomic_write_json(dest / DEFAULTS_FILE, defaults)
     return dest
@@ -168,7 +178,7 @@ def model_card(
     """The markdown model card from the stage reports, this model and its lineage."""
     inputs = CardInputs(
         cfg=cfg,
-        model_config=json.loads((cfg.path("finetune") / "model_config.json").read_text()),
+        model_config=json.loads((cfg.path("finetune") / MODEL_CONFIG_FILE).read_text()),
         num_params=generator.model.num_params(exclude_position=False),
         samples=card_samples(cfg, generator),
         gate=gate,
@@ -284,7 +294,7 @@ def compare_with_champion(
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     name, margin = cfg.register.model_name, cfg.register.promote_margin
-    table = pq.read_table(cfg.path("validated") / "test.parquet", columns=["text"])
+    table = pq.read_table(cfg.path("validated") / split_parquet("test"), columns=["text"])
     texts = table.column("text").to_pylist()[: cfg.register.compare_docs]
     loaded = mlflow.pyfunc.load_model(f"models:/{name}/{champion_version.version}")
     champion = loaded.unwrap_python_model().generator
@@ -314,9 +324,9 @@ def register(cfg: Config, tracker: Any, gate: dict[str, Any]) -> dict[str, Any]:
         )
         timing = pretrain_timing(client, lineage)
         card = model_card(cfg, generator, gate, lineage, timing)
-        atomic_write_text(package / "MODEL_CARD.md", card)
+        atomic_write_text(package / MODEL_CARD, card)
         model_uri = log_model(tracking_uri(cfg), tracker.run_id, package)
-    tracker.log_text(card, "MODEL_CARD.md")
+    tracker.log_text(card, MODEL_CARD)
     champion = registry.version_by_alias(client, name, registry.CHAMPION)
     registry.ensure_registered_model(client, name, "GPT-style LM trained by lmforge")
     mv = registry.create_version(client, name, model_uri, tracker.run_id, lineage, card)
@@ -363,7 +373,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from pipeline.ops.tracking import start_run
 
     reports = cfg.path("reports")
-    evaluation = read_json(reports / "evaluate.json", "run `dvc repro evaluate` first")
+    evaluation = read_json(reports / report_json("evaluate"), "run `dvc repro evaluate` first")
     gate = check_gate(evaluation, cfg.register.gate)
     reason = why_not(cfg, gate)
     report: dict[str, Any] = {
@@ -386,8 +396,8 @@ def run(cfg: Config) -> dict[str, Any]:
             outcome = register(cfg, tracker, gate)
             atomic_write_json(reports / VERSION_FILE, outcome)
             tracker.log_artifact(reports / VERSION_FILE)
-        atomic_write_json(reports / f"{STAGE}.json", report)
-        tracker.log_artifact(reports / f"{STAGE}.json")
+        atomic_write_json(reports / report_json(STAGE), report)
+        tracker.log_artifact(reports / report_json(STAGE))
     return {"registered": report["registered"], "reason": reason, **outcome}
 
 

@@ -33,6 +33,16 @@ import pyarrow.parquet as pq
 from pipeline.config import Config, save_resolved
 from pipeline.core.errors import GateFailed
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.core.names import (
+    FINETUNE_TEST,
+    FINETUNE_TRAIN,
+    MIMIC,
+    PRETRAIN_TRAIN,
+    STORYWORLD,
+    failed_report,
+    report_json,
+    split_parquet,
+)
 from pipeline.core.seeding import derive_seed
 from pipeline.data.clean import CorpusScan, normalize
 from pipeline.data.drift import NGramIndex, length_distance, unigram_kl
@@ -53,7 +63,7 @@ STAGE = "synthesize"
 
 
 def read_split(cfg: Config, split: str) -> list[str]:
-    path = cfg.path("validated") / f"{split}.parquet"
+    path = cfg.path("validated") / split_parquet(split)
     if not path.is_file():
         raise GateFailed(f"{path}: validated split not found; run `dvc repro validate` first")
     return pq.read_table(path, columns=["text"]).column("text").to_pylist()
@@ -187,12 +197,12 @@ def synthesize_into(cfg: Config, out: Path, world, train: list[str], held_out: l
     if world is not None:
         est = world.entropy_rate(s.entropy_docs, derive_seed(cfg.seed, STAGE, "entropy"))
         report["source_entropy"] = dataclasses.asdict(est)
-        atomic_write_json(out / "storyworld.json", dataclasses.asdict(cfg.storyworld))
+        atomic_write_json(out / STORYWORLD, dataclasses.asdict(cfg.storyworld))
     mimic = None
     if "mimic" in s.generators:
         m = s.mimic
         mimic = NGramModel(m.order, m.smoothing, m.k, m.discount).fit(train)
-        mimic.save(out / "mimic.json")
+        mimic.save(out / MIMIC)
         sample = mimic.generate(200, derive_seed(cfg.seed, STAGE, "mimic-entropy"), m.max_chars)
         report["mimic"] = {
             "order": m.order,
@@ -221,12 +231,12 @@ def synthesize_into(cfg: Config, out: Path, world, train: list[str], held_out: l
             f"val/test (limit {s.max_contaminated_fraction})"
         )
     if failures:
-        path = atomic_write_json(cfg.path("reports") / f"{STAGE}.failed.json", report)
+        path = atomic_write_json(cfg.path("reports") / failed_report(STAGE), report)
         raise GateFailed("\n".join(failures) + f"\nfull report: {path}")
     ft_train, ft_test = split_examples(examples, s.finetune_test_fraction)
-    write_jsonl(out / "finetune_train.jsonl", ft_train)
-    write_jsonl(out / "finetune_test.jsonl", ft_test)
-    write_mix(out / "pretrain_train.parquet", train, synthetic)
+    write_jsonl(out / FINETUNE_TRAIN, ft_train)
+    write_jsonl(out / FINETUNE_TEST, ft_test)
+    write_mix(out / PRETRAIN_TRAIN, train, synthetic)
     save_resolved(cfg, out)
     synth_bytes = sum(len(d.encode("utf-8")) for docs in synthetic.values() for d in docs)
     report["mix"] = {
@@ -257,7 +267,7 @@ def run(cfg: Config) -> dict[str, Any]:
             report = synthesize_into(cfg, out, world, train, held_out)
         # The report only once the folder it describes is in place (a kill in between
         # leaves the previous report with the previous outputs).
-        report_path = atomic_write_json(cfg.path("reports") / f"{STAGE}.json", report)
+        report_path = atomic_write_json(cfg.path("reports") / report_json(STAGE), report)
         mix = report["mix"]
         tracker.log_metrics({k: v for k, v in mix.items() if not isinstance(v, dict)})
         tracker.log_metrics({"contaminated_fraction": report["contaminated_fraction"]})
@@ -265,8 +275,8 @@ def run(cfg: Config) -> dict[str, Any]:
             tracker.log_metrics({"source_entropy": report["source_entropy"]})
         tracker.log_artifact(report_path)
         synth = cfg.path("synthetic")
-        tracker.log_dataset(synth / "pretrain_train.parquet", "pretrain-train", "train")
-        tracker.log_dataset(synth / "finetune_train.jsonl", "finetune-train", "finetune")
+        tracker.log_dataset(synth / PRETRAIN_TRAIN, "pretrain-train", "train")
+        tracker.log_dataset(synth / FINETUNE_TRAIN, "finetune-train", "finetune")
     return {"mix": mix, "finetune": report["finetune"], "entropy": report.get("source_entropy")}
 
 

@@ -39,6 +39,14 @@ from tokenizers import Tokenizer
 from pipeline.config import Config, save_resolved
 from pipeline.core.errors import LmforgeError
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text, file_md5
+from pipeline.core.names import (
+    META_FILE,
+    PRETRAIN_TRAIN,
+    TOKENIZER_FILE,
+    report_json,
+    shard_file,
+    split_parquet,
+)
 from pipeline.core.progress import Progress
 from pipeline.ops.stage_runner import stage_main
 from pipeline.ops.tracking import start_run
@@ -68,9 +76,9 @@ class SplitStats:
 def input_paths(cfg: Config) -> dict[str, Path]:
     """The parquet file each split is read from; a missing one is a clear error."""
     paths = {
-        "train": cfg.path("synthetic") / "pretrain_train.parquet",
-        "val": cfg.path("validated") / "val.parquet",
-        "test": cfg.path("validated") / "test.parquet",
+        "train": cfg.path("synthetic") / PRETRAIN_TRAIN,
+        "val": cfg.path("validated") / split_parquet("val"),
+        "test": cfg.path("validated") / split_parquet("test"),
     }
     makers = {"train": "synthesize", "val": "validate", "test": "validate"}
     for split, path in paths.items():
@@ -183,13 +191,13 @@ def tokenize_into(cfg: Config, out: Path, inputs: dict[str, Path]) -> dict[str, 
     """Do the stage's work into folder `out`; return the contents of meta.json."""
     t = cfg.tokenizer
     tok = train_tokenizer(cfg, inputs["train"])
-    atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
+    atomic_write_text(out / TOKENIZER_FILE, tok.to_str(pretty=True))
     eot_id = tok.token_to_id(t.special_tokens[0])
     vocab_size = tok.get_vocab_size()
     splits: dict[str, dict[str, Any]] = {}
     bpt: dict[str, float | None] = {}
     for split in SPLITS:
-        shard = out / f"{split}.bin"
+        shard = out / shard_file(split)
         stats = encode_split(tok, inputs[split], shard, eot_id, t.encode_batch_docs, split)
         splits[split] = {"file": shard.name, "md5": file_md5(shard), **dataclasses.asdict(stats)}
         bpt[split] = stats.bytes_per_token
@@ -231,7 +239,7 @@ def run(cfg: Config) -> dict[str, Any]:
         with atomic_dir(out_dir) as out:
             meta = tokenize_into(cfg, out, inputs)
         report = build_report(meta)
-        report_path = atomic_write_json(cfg.path("reports") / f"{STAGE}.json", report)
+        report_path = atomic_write_json(cfg.path("reports") / report_json(STAGE), report)
         tracker.set_tags({"lmforge.train_corpus_digest": meta["train_corpus_digest"]})
         tracker.log_metrics(
             {
@@ -240,12 +248,12 @@ def run(cfg: Config) -> dict[str, Any]:
                 **{f"tokens_{s}": e["tokens"] for s, e in report["splits"].items()},
             }
         )
-        for name in ("tokenizer.json", "meta.json"):  # under tokenizer/: the report has
+        for name in (TOKENIZER_FILE, META_FILE):  # under tokenizer/: the report has
             tracker.log_artifact(out_dir / name, STAGE)  # the same file name as the BPE
         tracker.log_artifact(report_path, "reports")
         for split, path in inputs.items():
             tracker.log_dataset(path, f"text-{split}", split)
-            tracker.log_dataset(out_dir / f"{split}.bin", f"tokens-{split}", f"tokens-{split}")
+            tracker.log_dataset(out_dir / shard_file(split), f"tokens-{split}", f"tokens-{split}")
     return report
 
 

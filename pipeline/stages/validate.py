@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from pipeline.config import Config, save_resolved
 from pipeline.core.errors import GateFailed
 from pipeline.core.io import atomic_dir, atomic_write_json
+from pipeline.core.names import failed_report, report_json, split_parquet
 from pipeline.core.progress import Progress
 from pipeline.core.seeding import derive_seed
 from pipeline.data.clean import SPLITS, CorpusScan
@@ -46,7 +47,7 @@ STAGE = "validate"
 def scan_corpus(cfg: Config, out_dir: Path) -> CorpusScan:
     """Stream every source once, writing cleaned rows to `<out_dir>/<split>.parquet`."""
     scan = CorpusScan(cfg.validate, derive_seed(cfg.seed, STAGE, "gx-sample"))
-    writers = {s: pq.ParquetWriter(out_dir / f"{s}.parquet", SCHEMA) for s in SPLITS}
+    writers = {s: pq.ParquetWriter(out_dir / split_parquet(s), SCHEMA) for s in SPLITS}
     progress = Progress("validate: scanned", unit="B")
     try:
         for table in iter_corpus(cfg):
@@ -76,7 +77,7 @@ def _keep_failure(cfg: Config, report: dict[str, Any], docs_tmp: Path) -> Path:
     failed_docs = cfg.path("data_docs").with_name(cfg.path("data_docs").name + ".failed")
     shutil.rmtree(failed_docs, ignore_errors=True)
     shutil.copytree(docs_tmp, failed_docs)
-    return atomic_write_json(cfg.path("reports") / f"{STAGE}.failed.json", report)
+    return atomic_write_json(cfg.path("reports") / failed_report(STAGE), report)
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def run(cfg: Config) -> dict[str, Any]:
             save_resolved(cfg, out_tmp)
         # The report last, after both folders are in place: a kill before this line leaves
         # the previous report with the previous outputs, never a report without its outputs.
-        report_path = atomic_write_json(cfg.path("reports") / f"{STAGE}.json", report)
+        report_path = atomic_write_json(cfg.path("reports") / report_json(STAGE), report)
         # Artifacts and datasets are logged from their final places, after the renames.
         seconds = time.perf_counter() - t0
         tracker.log_metrics({**scan.aggregates(), "seconds": seconds})
@@ -117,7 +118,7 @@ def run(cfg: Config) -> dict[str, Any]:
         tracker.log_artifact(report_path)
         tracker.log_artifact(cfg.path("data_docs"), "data_docs")
         for s in SPLITS:
-            tracker.log_dataset(cfg.path("validated") / f"{s}.parquet", f"validated-{s}", s)
+            tracker.log_dataset(cfg.path("validated") / split_parquet(s), f"validated-{s}", s)
     return {"docs": dict(scan.kept), "dropped": dict(scan.dropped), "seconds": round(seconds, 2)}
 
 

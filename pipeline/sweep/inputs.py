@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config
+from pipeline.core.names import RESOLVED_CONFIG, report_json
+from pipeline.core.nested import flatten
 from pipeline.sweep.fit import SweepError
 
 # The config sections that shape the token shards (compared with the shards' config.yaml).
@@ -41,14 +43,16 @@ def data_config_mismatch(cfg: Config) -> list[str]:
     Empty when they agree or when the shards carry no config.yaml. The sweep still trains
     on the shards as they are; the flow warns and the report records the keys.
     """
-    path = cfg.path("tokenizer") / "config.yaml"
+    path = cfg.path("tokenizer") / RESOLVED_CONFIG
     if not path.is_file():
         return []
     built = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     wanted = cfg.to_dict()
     diffs = []
     for section in DATA_SECTIONS:
-        a, b = _flat(built.get(section), section), _flat(wanted.get(section), section)
+        # a section missing from one side is the single key `section` with value None
+        a = flatten({section: built.get(section)})
+        b = flatten({section: wanted.get(section)})
         diffs += [
             f"{k}: shards {a.get(k)!r}, sweep {b.get(k)!r}"
             for k in sorted(a.keys() | b.keys())
@@ -57,23 +61,13 @@ def data_config_mismatch(cfg: Config) -> list[str]:
     return diffs
 
 
-def _flat(value: Any, prefix: str) -> dict[str, Any]:
-    """{'a': {'b': 1}} under prefix 'p' -> {'p.a.b': 1}; lists stay values."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: value}
-
-
 def source_entropy(cfg: Config) -> tuple[dict[str, Any] | None, str]:
     """(the story world's entropy-rate estimate from reports/synthesize.json, or None; why).
 
     Only meaningful as a floor for the validation loss when every corpus source is the
     story world: then the val split holds story-world documents only.
     """
-    path = cfg.path("reports") / "synthesize.json"
+    path = cfg.path("reports") / report_json("synthesize")
     if not path.is_file():
         return None, f"{path} not found: run `dvc repro synthesize` for the source entropy"
     est = json.loads(path.read_text(encoding="utf-8")).get("source_entropy")

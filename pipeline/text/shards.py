@@ -43,12 +43,12 @@ import numpy as np
 
 from pipeline.core.errors import LmforgeError
 from pipeline.core.io import atomic_write_json, file_md5
+from pipeline.core.names import META_FILE
 
 MAGIC = b"LMFSHARD"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sIIQ8x")  # magic, version, dtype code, token count, reserved
 HEADER_SIZE = HEADER.size  # 32 bytes
-META_FILE = "meta.json"
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # dtype code = item size in bytes
 _META_KEYS = ("format_version", "dtype", "vocab_size", "eot_id", "special_tokens", "splits")
 

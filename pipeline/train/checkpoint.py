@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pipeline.core.io import atomic_dir, atomic_write_json
+from pipeline.core.names import OPTIMIZER_FILE, RESOLVED_CONFIG, STATE_FILE, WEIGHTS_FILE
 from pipeline.model.load import CheckpointError, load_weights, save_weights
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
@@ -98,10 +99,10 @@ def save(
     target = folder / f"step_{state.step:07d}"
     if is_main:
         with atomic_dir(target) as tmp:
-            save_weights(tmp / "model.safetensors", model_sd)
-            torch.save(optim_sd, tmp / "optimizer.pt")
-            atomic_write_json(tmp / "state.json", state.__dict__)
-            (tmp / "config.yaml").write_text(config_yaml)
+            save_weights(tmp / WEIGHTS_FILE, model_sd)
+            torch.save(optim_sd, tmp / OPTIMIZER_FILE)
+            atomic_write_json(tmp / STATE_FILE, state.__dict__)
+            (tmp / RESOLVED_CONFIG).write_text(config_yaml)
         mine, others = [], []
         for path in list_checkpoints(folder):
             (mine if _digest_of(path) == state.config_digest else others).append(path)
@@ -131,7 +132,7 @@ def read_state(ckpt: Path) -> TrainState:
     Older versions wrote a `scheduler` entry that nothing read (the LR is a function of
     the step), so their checkpoints still resume. A missing field is an error naming it.
     """
-    path = ckpt / "state.json"
+    path = ckpt / STATE_FILE
     try:
         raw = json.loads(path.read_text())
         if not isinstance(raw, dict):
@@ -145,8 +146,8 @@ def read_state(ckpt: Path) -> TrainState:
 def load(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
     """Restore weights, optimizer and RNG from `ckpt` into (possibly wrapped) objects."""
     state = read_state(ckpt)
-    model_sd = load_weights(ckpt / "model.safetensors")
-    optim_path = ckpt / "optimizer.pt"
+    model_sd = load_weights(ckpt / WEIGHTS_FILE)
+    optim_path = ckpt / OPTIMIZER_FILE
     try:
         optim_sd = torch.load(optim_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -32,6 +32,15 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from pipeline.config import Config
 from pipeline.core.errors import LmforgeError
 from pipeline.core.io import atomic_dir, atomic_write_json
+from pipeline.core.names import (
+    MODEL_CONFIG_FILE,
+    PLOTS_DIR,
+    PRETRAIN_LOSS,
+    RESOLVED_CONFIG,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    report_json,
+)
 from pipeline.core.progress import Progress
 from pipeline.core.seeding import derive_seed
 from pipeline.model.gpt import GPT, GPTConfig
@@ -207,7 +216,7 @@ def build(cfg: Config, info: dist_utils.DistInfo) -> Trainer:
     train_meta, val_meta = meta["splits"]["train"], meta["splits"]["val"]
     train = read_shard(tok_dir / train_meta["file"], train_meta)
     val = read_shard(tok_dir / val_meta["file"], val_meta)
-    token_bytes = token_byte_lengths(load_tokenizer(tok_dir / "tokenizer.json"))  # (V,)
+    token_bytes = token_byte_lengths(load_tokenizer(tok_dir / TOKENIZER_FILE))  # (V,)
     check_text_bytes(tok_dir / val_meta["file"], val, token_bytes, val_meta["bytes"])
     check_shard(val, cfg.model.block_size, str(tok_dir / val_meta["file"]))  # fail before training
     inputs = digest_inputs(cfg, data_digests(tok_dir, meta), info.world_size, info.device.type)
@@ -362,7 +371,7 @@ def flush_steps(
 
 def report_path(cfg: Config) -> Path:
     """`reports/pretrain.json`, the stage's DVC metrics file."""
-    return cfg.path("reports") / f"{STAGE}.json"
+    return cfg.path("reports") / report_json(STAGE)
 
 
 def write_outputs(t: Trainer, result: dict[str, Any]) -> dict[str, Any]:
@@ -388,10 +397,10 @@ def write_outputs(t: Trainer, result: dict[str, Any]) -> dict[str, Any]:
         **final_eval,
     }
     with atomic_dir(cfg.path("pretrain")) as out:
-        ckpt.save_weights(out / "model.safetensors", sd)
-        atomic_write_json(out / "model_config.json", dataclasses.asdict(t.raw.config))
-        (out / "config.yaml").write_text(cfg.to_yaml())
+        ckpt.save_weights(out / WEIGHTS_FILE, sd)
+        atomic_write_json(out / MODEL_CONFIG_FILE, dataclasses.asdict(t.raw.config))
+        (out / RESOLVED_CONFIG).write_text(cfg.to_yaml())
     curve = [{"step": r["step"], "loss": r["loss"]} for r in t.history]
-    atomic_write_json(cfg.path("reports") / "plots" / "pretrain_loss.json", curve)
+    atomic_write_json(cfg.path("reports") / PLOTS_DIR / PRETRAIN_LOSS, curve)
     atomic_write_json(report_path(cfg), report)
     return report

@@ -20,6 +20,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.core.io import file_md5
+from pipeline.core.names import TOKENIZER_FILE
 from pipeline.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def data_digests(tok_dir: Path, meta: dict[str, Any]) -> dict[str, str]:
     return {
         "train_shard_md5": meta["splits"]["train"]["md5"],
         "val_shard_md5": meta["splits"]["val"]["md5"],
-        "tokenizer_md5": file_md5(tok_dir / "tokenizer.json"),
+        "tokenizer_md5": file_md5(tok_dir / TOKENIZER_FILE),
     }
 
 
