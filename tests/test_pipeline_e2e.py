@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+from dvc_helpers import dvc
 
 pytestmark = pytest.mark.slow
 FIRST_RUN: dict[str, str] = {}  # the first flow run's MLflow parent run, for reproduce
@@ -46,17 +46,6 @@ def repo_copy(tmp_path_factory) -> Path:
     remote = tmp_path_factory.mktemp("dvc-remote")
     assert dvc(root, "remote", "modify", "--local", "local", "url", str(remote)).returncode == 0
     return root
-
-
-def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    env_bin = str(Path(sys.executable).parent)
-    return subprocess.run(
-        [f"{env_bin}/dvc", *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={"PATH": f"{env_bin}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1", "HOME": str(root)},
-    )
 
 
 def prefect_artifacts(flow_run_id: str) -> dict[str, str]:

@@ -13,12 +13,12 @@ import logging
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SMALL_DATA, cfg_for, make_project, prepared_project
+from dvc_helpers import dvc as run_dvc
 
 from pipeline.config.params_file import apply_to_params
 from pipeline.core.io import file_md5
@@ -174,19 +174,7 @@ def _ignore(folder: str, names: list[str]) -> set[str]:
 
 
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    env_bin = str(Path(sys.executable).parent)
-    return subprocess.run(
-        [f"{env_bin}/dvc", *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={
-            "PATH": f"{env_bin}:/usr/bin:/bin",
-            "DVC_NO_ANALYTICS": "1",
-            "HOME": str(root),
-            "OMP_NUM_THREADS": "1",
-        },
-    )
+    return run_dvc(root, *args, OMP_NUM_THREADS="1")  # one thread: steady on 2 cores
 
 
 @pytest.mark.slow

@@ -20,6 +20,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+# The exact byte count lives with the token->bytes table it reads (text/, below train and
+# eval); re-exported here beside the scores that divide by it.
+from pipeline.text.tokenizer import target_bytes as target_bytes
+
 LN2 = math.log(2.0)
 
 
@@ -69,28 +73,6 @@ def lm_scores(nll_per_token: torch.Tensor, n_bytes: int) -> dict[str, float]:
         "num_tokens": int(nll.numel()),
         "num_bytes": int(n_bytes),
     }
-
-
-def target_bytes(
-    targets: torch.Tensor, token_bytes: torch.Tensor, ignore_index: int = -1
-) -> torch.Tensor:
-    """Exact UTF-8 bytes the scored target tokens stand for: ``sum token_bytes[y]``.
-
-    Args:
-        targets: integer target ids of any shape; entries equal to ``ignore_index``
-            (padding) are not scored and count no bytes.
-        token_bytes: (V,) bytes per token id (``pipeline.text.tokenizer.token_byte_lengths``),
-            on the same device as ``targets``.
-
-    Returns a 0-dim int64 tensor on that device (no host sync, so it can be summed across
-    batches and processes before one ``.item()``). Ids are not range-checked here (that
-    would sync): callers check the shard against the table once (``shards.check_text_bytes``).
-    """
-    y = targets.reshape(-1)  # (N,)
-    keep = y != ignore_index  # (N,)
-    # Padding is mapped to id 0 and masked out, so no gather reads out of range.
-    ids = torch.where(keep, y, torch.zeros_like(y))
-    return (token_bytes.to(torch.int64)[ids] * keep).sum()
 
 
 def loss_by_position(nll: torch.Tensor) -> list[float]:

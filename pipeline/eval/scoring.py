@@ -17,9 +17,9 @@ from tokenizers import Tokenizer
 from pipeline.config import Config
 from pipeline.core.errors import LmforgeError
 from pipeline.eval.calibration import CalibrationAccumulator
-from pipeline.eval.lm import LN2, kl_rate, lm_scores, loss_by_position, target_bytes
+from pipeline.eval.lm import LN2, kl_rate, lm_scores, loss_by_position
 from pipeline.model.gpt import GPT
-from pipeline.text.tokenizer import encode_docs
+from pipeline.text.tokenizer import encode_docs, target_bytes
 
 # Documents of a source as (texts, -log2 P(text) in bits, end of document included).
 SourceDocs = tuple[list[str], list[float]]

@@ -27,12 +27,15 @@ import itertools
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.core.errors import LmforgeError
+
+if TYPE_CHECKING:
+    import torch
 
 # The default first entry of `tokenizer.special_tokens` (params.yaml), for tests and tools that
 # train a throwaway tokenizer. Nothing that loads a trained tokenizer uses it: the end-of-text
@@ -192,6 +195,28 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
             )
         lengths[i] = len(piece)
     return lengths
+
+
+def target_bytes(targets: torch.Tensor, token_bytes: torch.Tensor, ignore_index: int = -1):
+    """Exact UTF-8 bytes the scored target tokens stand for: ``sum token_bytes[y]``.
+
+    Args:
+        targets: integer target ids of any shape; entries equal to ``ignore_index``
+            (padding) are not scored and count no bytes.
+        token_bytes: (V,) bytes per token id (`token_byte_lengths`), on the same device as
+            ``targets``.
+
+    Returns a 0-dim int64 tensor on that device (no host sync, so it can be summed across
+    batches and processes before one ``.item()``). Ids are not range-checked here (that
+    would sync): callers check the shard against the table once (``shards.check_text_bytes``).
+    Tensor methods only, so this module does not import torch (the tokenizer stage never
+    needs it).
+    """
+    y = targets.reshape(-1)  # (N,)
+    keep = y != ignore_index  # (N,)
+    # Padding is mapped to id 0 and masked out, so no gather reads out of range.
+    ids = y.masked_fill(~keep, 0)
+    return (token_bytes.long()[ids] * keep).sum()
 
 
 def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:

@@ -45,7 +45,7 @@ from pipeline.core.progress import Progress
 from pipeline.core.seeding import derive_seed
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.text.shards import check_text_bytes, read_meta, read_shard
-from pipeline.text.tokenizer import load_tokenizer, token_byte_lengths
+from pipeline.text.tokenizer import load_tokenizer, target_bytes, token_byte_lengths
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import distributed as dist_utils
 from pipeline.train.batches import BatchStream, check_shard, eval_batches
@@ -175,9 +175,7 @@ class Trainer:
             nll = torch.nn.functional.cross_entropy(
                 logits.transpose(1, 2), y, reduction="none"
             )  # (B, T)
-            # Val batches have no padding, so the bytes are a plain gather (the general
-            # form with padding is pipeline.eval.lm.target_bytes, a layer above train).
-            n_bytes = self.token_bytes[y].sum(dtype=torch.int64)
+            n_bytes = target_bytes(y, self.token_bytes)  # exact bytes of the scored tokens
             n_tokens = torch.tensor(float(y.numel()), dtype=torch.float64, device=dev)
             total += torch.stack([nll.double().sum(), n_tokens, n_bytes.double()])
         total = dist_utils.all_reduce_mean(total)  # the ratios are what matter
