@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fault_helpers import Procs
 
 from pipeline.config import Config, load_config
 from pipeline.config.params_file import apply_to_params
@@ -63,3 +64,23 @@ def prefect_api() -> Iterator[str]:
         mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
         with prefect_test_harness(server_startup_timeout=120):
             yield str(get_current_settings().api.url)
+
+
+FAULTS_DIR = Path(__file__).parent / "faults"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/faults/ is marked `faults`, so none can forget the mark."""
+    for item in items:
+        if FAULTS_DIR in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.faults)
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    """Start processes with `procs.start([...])`; all still alive are stopped at teardown."""
+    registry = Procs()
+    try:
+        yield registry
+    finally:
+        registry.stop_all()
