@@ -5,7 +5,7 @@
 Generates a `--size-mb` MB parquet corpus (documents stitched from story-world stories and
 Zipf-distributed random words), trains a BPE on its first `--train-mb` MB, then encodes the
 whole corpus in a child process with the stage's own function
-(`pipeline.stages.tokenizer.encode_split`: parquet record batches -> `encode_batch` ->
+(`pipeline.text.encode.encode_split`: parquet record batches -> `encode_batch` ->
 `ShardWriter`), and prints MB/s and that child's peak RSS. A second child runs the bare
 baseline (read the same record batches and call `encode_batch`, discarding the ids) so the
 stage's overhead shows as a ratio on the same machine. Memory must be flat in the corpus
@@ -82,13 +82,14 @@ def make_corpus(path: Path, size_mb: float, seed: int = 0) -> tuple[int, int]:
 
 def train_on_prefix(corpus: Path, out: Path, train_mb: float, vocab_size: int) -> float:
     """Train a BPE on the corpus's first `train_mb` MB (the stage's reader); return seconds."""
-    from pipeline.stages.tokenizer import iter_texts
+    from pipeline.data.texts import ParquetTexts
+    from pipeline.text.encode import iter_texts
     from pipeline.text.tokenizer import EOT, train_bpe
 
     budget = [train_mb * 1e6]
 
     def prefix():
-        for text in iter_texts(corpus, 1000, "benchmark"):
+        for text in iter_texts(ParquetTexts(corpus), 1000, "benchmark"):
             budget[0] -= len(text.encode("utf-8"))
             if budget[0] < 0:
                 return
@@ -102,13 +103,16 @@ def train_on_prefix(corpus: Path, out: Path, train_mb: float, vocab_size: int) -
 
 def child(mode: str, corpus: Path, tok_path: Path, shard: Path, batch_docs: int) -> None:
     """Run one encode pass in this (child) process and print its figures as JSON."""
-    from pipeline.stages.tokenizer import encode_split, iter_text_batches
+    from pipeline.data.texts import ParquetTexts, iter_text_batches
+    from pipeline.text.encode import encode_split
     from pipeline.text.tokenizer import encode_docs, load_tokenizer
 
     tok = load_tokenizer(tok_path)
     t0 = time.perf_counter()
     if mode == "stage":
-        stats = encode_split(tok, corpus, shard, eot_id=0, batch_docs=batch_docs, label="bench")
+        stats = encode_split(
+            tok, ParquetTexts(corpus), shard, eot_id=0, batch_docs=batch_docs, label="bench"
+        )
         tokens, n_bytes = stats.tokens, stats.bytes
     else:  # bare: the same batches through encode_batch, ids discarded
         tokens = n_bytes = 0

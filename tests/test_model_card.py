@@ -21,7 +21,8 @@ from pipeline.core.io import atomic_write_json, atomic_write_text
 from pipeline.core.markdown import si
 from pipeline.eval.comparison import comparison_markdown
 from pipeline.eval.report import markdown as evaluate_markdown
-from pipeline.serve.model_card import CardInputs, render_model_card
+from pipeline.serve.card_inputs import CardInputs
+from pipeline.serve.model_card import render_model_card
 
 SECTIONS = (
     "Data",

@@ -21,6 +21,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline.serve import registry
+from pipeline.serve.gate import check_gate
+from pipeline.serve.package import SERVING_PACKAGES
 from pipeline.serve.textgen import TextGenerator
 from pipeline.stages import evaluate, finetune, pretrain, register, synthesize, tokenizer, validate
 from pipeline.train import checkpoint as ckpt
@@ -135,7 +137,7 @@ def test_gate_fails_when_a_figure_is_missing(evaluated):
     cfg = cfg_for(evaluated, *PERMISSIVE)
     report = json.loads((evaluated / "reports" / "evaluate.json").read_text())
     report["task_accuracy"] = None
-    gate = register.check_gate(report, cfg.register.gate)
+    gate = check_gate(report, cfg.register.gate)
     assert not gate["passed"] and gate["failed"] == ["task_accuracy"]
 
 
@@ -179,7 +181,7 @@ def test_version_carries_card_tags_and_no_pickle(evaluated, store):
     # the library packages serving imports.
     assert "meta.json" in files
     shipped = {p.name for p in (local / "code" / "pipeline").iterdir()}
-    assert shipped == {"__init__.py", *register.SERVING_PACKAGES}
+    assert shipped == {"__init__.py", *SERVING_PACKAGES}
     # A card longer than the stores' 5000 characters is cut at a line in the description,
     # and says so; the file in the artifacts is whole.
     whole = next(local.rglob("MODEL_CARD.md")).read_text()

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from pipeline.eval.sharpness import epsilon_sharpness, flatness_verdict, hessian_extreme_eigenvalues
+from pipeline.eval.hessian import hessian_extreme_eigenvalues
+from pipeline.eval.sharpness import epsilon_sharpness, flatness_verdict
 from pipeline.model.gpt import GPT, GPTConfig
 
 EIGS = torch.tensor([4.0, 1.5, 1.0, 0.25], dtype=torch.float64)
@@ -274,7 +275,8 @@ def test_without_scipy_the_module_imports_and_the_eigenvalues_say_scipy_is_neede
         sys.modules["scipy"] = None  # what the GPU machine has: `import scipy` fails
         import torch
         from torch import nn
-        from pipeline.eval.sharpness import epsilon_sharpness, hessian_extreme_eigenvalues
+        from pipeline.eval.hessian import hessian_extreme_eigenvalues
+        from pipeline.eval.sharpness import epsilon_sharpness
         m = nn.Linear(2, 1)
         loss = lambda m: (m(torch.ones(1, 2)) ** 2).sum()
         assert epsilon_sharpness(m, loss, 0.1, steps=1)["sharpness"] >= 0

@@ -15,13 +15,8 @@ from hypothesis import strategies as st
 from pipeline.config import load_config
 from pipeline.config.schema import StoryWorldConfig
 from pipeline.data.ingest import storyworld_spec
-from pipeline.data.storyworld import (
-    DEFAULT_EVENT_WEIGHTS,
-    QA,
-    StoryWorld,
-    StoryWorldSpec,
-    generate,
-)
+from pipeline.data.storyworld import StoryWorld, generate
+from pipeline.data.storyworld_grammar import DEFAULT_EVENT_WEIGHTS, QA, StoryWorldSpec
 
 # The wide spec most tests use (the old library defaults: 24 names, 24 objects, 16 places).
 # StoryWorldSpec has no defaults, since params.yaml owns them, so tests say what they use.

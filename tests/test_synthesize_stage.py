@@ -12,8 +12,8 @@ from pipeline.core.errors import GateFailed
 from pipeline.core.io import tree_md5
 from pipeline.data.drift import NGramIndex
 from pipeline.data.ngram import NGramModel
+from pipeline.data.synthetic import drop_contaminated
 from pipeline.stages import synthesize, validate
-from pipeline.stages.synthesize import drop_contaminated
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ from pipeline.core.io import tree_md5
 from pipeline.eval import lm as M
 from pipeline.stages import synthesize, validate
 from pipeline.stages import tokenizer as stage
+from pipeline.text import encode
+from pipeline.text.encode import input_paths
 from pipeline.text.shards import load_split, read_header, read_meta, text_bytes
 from pipeline.text.tokenizer import (
     EOT,
@@ -244,9 +246,7 @@ def test_stage_writes_shards_that_match_meta(synthesized):
     tok = load_tokenizer(out / "tokenizer.json")
     assert meta["vocab_size"] == tok.get_vocab_size() == report["vocab_size"]
     assert meta["eot_id"] == tok.token_to_id(EOT) == 0 and meta["dtype"] == "uint16"
-    texts = {
-        s: pq.read_table(p).column("text").to_pylist() for s, p in stage.input_paths(cfg).items()
-    }
+    texts = {s: pq.read_table(p).column("text").to_pylist() for s, p in input_paths(cfg).items()}
     for split, entry in meta["splits"].items():
         assert read_header(out / entry["file"]) == (np.dtype("uint16"), entry["tokens"])
         tokens = load_split(out, split, verify=True)  # (N,) uint16
@@ -278,7 +278,7 @@ def test_rerun_is_byte_identical_and_failure_keeps_outputs(synthesized, monkeypa
     def fail(*args, **kwargs):
         raise LmforgeError("boom while encoding")
 
-    monkeypatch.setattr(stage, "encode_split", fail)
+    monkeypatch.setattr(encode, "encode_split", fail)
     with pytest.raises(LmforgeError, match="boom"):
         stage.run(cfg_for(cfg.root, "tokenizer.vocab_size=300"))
     assert tree_md5(cfg.path("tokenizer")) == first

@@ -32,6 +32,10 @@ separated by ``". "`` which no sentence contains, the connective prefix of a sen
 unique, each sentence core maps to one set of choices (checked when the parse table is
 built) and the state update is a function of those choices. Each text therefore has at
 most one derivation and ``log_prob`` is the log-probability of that single derivation.
+
+Modules: the words, templates, spec, story records and parse table are
+`pipeline/data/storyworld_grammar.py`; the choice makers (sample, replay a parse, enumerate)
+are `pipeline/data/storyworld_choosers.py`; this module is the program and its public API.
 """
 
 from __future__ import annotations
@@ -39,167 +43,44 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-T = TypeVar("T")
-
-NAMES: tuple[tuple[str, str], ...] = tuple(
-    (name, "she" if gender == "f" else "he")
-    for name, gender in (
-        ("Mia", "f"), ("Tom", "m"), ("Lily", "f"), ("Ben", "m"), ("Anna", "f"), ("Max", "m"),
-        ("Emma", "f"), ("Sam", "m"), ("Lucy", "f"), ("Jack", "m"), ("Zoe", "f"), ("Leo", "m"),
-        ("Ella", "f"), ("Noah", "m"), ("Ruby", "f"), ("Finn", "m"), ("Grace", "f"),
-        ("Owen", "m"), ("Ivy", "f"), ("Jake", "m"), ("Rosa", "f"), ("Dan", "m"),
-        ("Nina", "f"), ("Hugo", "m"),
-    )
-)  # fmt: skip
-OBJECTS: tuple[str, ...] = (
-    "red ball", "old book", "blue kite", "small box", "toy car", "green hat", "shiny coin",
-    "yellow cup", "wooden boat", "soft teddy", "big apple", "little drum", "paper plane",
-    "silver key", "pink doll", "long rope", "orange kite", "purple crayon", "warm scarf",
-    "glass jar", "brown basket", "tiny bell", "striped sock", "picture book",
-)  # fmt: skip
-PLACES: tuple[str, ...] = (
-    "park", "garden", "kitchen", "forest", "school", "library", "market", "barn",
-    "playground", "zoo", "bakery", "attic", "yard", "bedroom", "classroom", "shop",
-)  # fmt: skip
-OPENERS: tuple[str, ...] = ("", "One day, ", "Once upon a time, ")
-CONNECTIVES: tuple[str, ...] = ("", "Then ", "Later, ", "After that, ")
-PLAY_VERBS: tuple[str, ...] = ("played with", "looked at", "carried", "cleaned")
-REACTIONS: dict[str, tuple[str, ...]] = {
-    "happy": ("sang a song", "danced", "laughed", "smiled", "clapped", "jumped up and down"),
-    "sad": ("cried", "sighed", "sat down", "frowned"),
-    "surprised": ("gasped", "waved", "said hello"),
-}
-REACT_TEMPLATES: tuple[str, ...] = (
-    "Because {who} was {feeling}, {pron} {action}",
-    "{who} was {feeling}, so {pron} {action}",
-    "{who} felt {feeling} and {action}",
+from pipeline.data.storyworld_choosers import (
+    Chooser,
+    NoDerivation,
+    PathChooser,
+    Replayer,
+    Sampler,
 )
-CORES: dict[str, str] = {
-    "open": "{who} was in the {place}",
-    "go": "{who} went to the {place}",
-    "arrive": "{who} came to the {place}",
-    "find": "{who} found {art} {obj}",
-    "lose": "{who} lost the {obj}",
-    "give": "{who} gave the {obj} to {to}",
-    "play": "{who} {verb} the {obj}",
-}
-EVENT_KINDS: tuple[str, ...] = ("go", "arrive", "find", "lose", "give", "play", "react")
-DEFAULT_EVENT_WEIGHTS: tuple[tuple[str, float], ...] = (
-    ("go", 3.0), ("arrive", 2.0), ("find", 3.0), ("lose", 1.0),
-    ("give", 2.0), ("play", 1.0), ("react", 4.0),
-)  # fmt: skip
-_PREFIXES = tuple(p for p in OPENERS + CONNECTIVES if p)
+from pipeline.data.storyworld_grammar import (
+    CONNECTIVES,
+    CORES,
+    EVENT_KINDS,
+    NAMES,
+    OBJECTS,
+    OPENERS,
+    PLACES,
+    PLAY_VERBS,
+    PREFIXES,
+    QA,
+    REACT_TEMPLATES,
+    REACTIONS,
+    EntropyEstimate,
+    Event,
+    Story,
+    StoryFacts,
+    StoryWorldSpec,
+    article,
+    sentence_table,
+)
+
 _EVENT_FIELD = {"to": "other", "verb": "action"}  # template slot -> Event field
 _LN2 = math.log(2.0)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"StoryWorldSpec.{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
-@dataclass(frozen=True)
-class StoryWorldSpec:
-    """Knobs of the story world; word lists are the first N entries of the built-in lists.
-
-    ``min_sentences``/``max_sentences`` count sentences including the opening one.
-    ``event_weights`` may be given as a mapping; it is normalised to ``(kind, weight)`` pairs.
-    The first seven fields have no default on purpose: ``storyworld:`` in params.yaml owns
-    them (``pipeline.data.ingest.storyworld_spec`` builds the pipeline's spec from it), and a
-    second default here would silently disagree with it.
-    """
-
-    num_characters: int
-    num_objects: int
-    num_places: int
-    min_sentences: int
-    max_sentences: int
-    stop_prob: float
-    max_cast: int
-    event_weights: tuple[tuple[str, float], ...] = DEFAULT_EVENT_WEIGHTS
-
-    def __post_init__(self) -> None:
-        _check_int("num_characters", self.num_characters, 1, len(NAMES))
-        _check_int("num_objects", self.num_objects, 1, len(OBJECTS))
-        _check_int("num_places", self.num_places, 1, len(PLACES))
-        _check_int("min_sentences", self.min_sentences, 1, 64)
-        _check_int("max_sentences", self.max_sentences, self.min_sentences, 64)
-        _check_int("max_cast", self.max_cast, 1, len(NAMES))
-        if not (_is_number(self.stop_prob) and 0.0 < self.stop_prob <= 1.0):
-            raise ValueError(f"StoryWorldSpec.stop_prob must be in (0, 1], got {self.stop_prob!r}")
-        given = self.event_weights
-        try:
-            weights = dict(given.items() if isinstance(given, Mapping) else given)
-        except (TypeError, ValueError):
-            weights = {}
-        if set(weights) != set(EVENT_KINDS) or not all(
-            _is_number(w) and math.isfinite(w) and w >= 0 for w in weights.values()
-        ):
-            raise ValueError(
-                f"StoryWorldSpec.event_weights must give a finite weight >= 0 to each of "
-                f"{list(EVENT_KINDS)}, got {given!r}"
-            )
-        normalised = tuple((k, float(weights[k])) for k in EVENT_KINDS)
-        object.__setattr__(self, "event_weights", normalised)
-
-
-@dataclass(frozen=True)
-class Event:
-    """One sentence of a story as structured data (fields unused by a kind are None)."""
-
-    kind: str
-    who: str
-    place: str | None = None
-    obj: str | None = None
-    other: str | None = None  # receiver of a gift
-    feeling: str | None = None
-    reason: str | None = None  # react: the sentence (no connective) that caused the feeling
-    action: str | None = None  # play verb or reaction
-
-
-@dataclass(frozen=True)
-class StoryFacts:
-    """Ground truth about a story: its events and the final state of the world."""
-
-    events: tuple[Event, ...]
-    cast: tuple[str, ...]
-    locations: tuple[tuple[str, str], ...]  # (character, place at the end)
-    holders: tuple[tuple[str, str], ...]  # (object, character holding it at the end)
-
-
-@dataclass(frozen=True)
-class Story:
-    text: str
-    log_prob: float  # natural log of the exact probability of ``text``
-    facts: StoryFacts
-
-
-@dataclass(frozen=True)
-class QA:
-    question: str
-    answer: str
-
-
-@dataclass(frozen=True)
-class EntropyEstimate:
-    """Entropy rate in bits per UTF-8 byte (ratio of means) with its delta-method stderr."""
-
-    bits_per_byte: float
-    stderr: float
-    num_docs: int
-    bits_per_doc: float
-    bytes_per_doc: float
 
 
 @dataclass
@@ -214,79 +95,6 @@ class _State:
     sentences: list[str] = field(default_factory=list)
 
 
-class _NoDerivation(Exception):
-    """The text being scored leaves the grammar."""
-
-
-class _Chooser:
-    """Makes the program's choices; subclasses pick the option, this class scores it.
-
-    One scoring formula for sampling, parsing and enumeration, so their log-probs agree
-    bit for bit.
-    """
-
-    def __init__(self) -> None:
-        self.logp = 0.0
-
-    def pick(self, key: str, options: Sequence[T], weights: Sequence[float] | None = None) -> T:
-        i = self._index(key, options, weights)
-        n = len(options)
-        self.logp += -math.log(n) if weights is None else math.log(weights[i] / sum(weights))
-        return options[i]
-
-    def _index(self, key: str, options: Sequence[Any], weights: Sequence[float] | None) -> int:
-        raise NotImplementedError
-
-
-class _Sampler(_Chooser):
-    """Draws each choice from ``rng``."""
-
-    def __init__(self, rng: random.Random) -> None:
-        super().__init__()
-        self.rng = rng
-
-    def _index(self, key: str, options: Sequence[Any], weights: Sequence[float] | None) -> int:
-        if weights is None:
-            return self.rng.randrange(len(options))
-        u, i, acc = self.rng.random() * sum(weights), 0, weights[0]
-        while u >= acc and i < len(weights) - 1:
-            i += 1
-            acc += weights[i]
-        return i
-
-
-class _Replayer(_Chooser):
-    """Returns the choices parsed from the current sentence (``fields``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fields: dict[str, Any] = {}
-
-    def _index(self, key: str, options: Sequence[Any], weights: Sequence[float] | None) -> int:
-        try:
-            return list(options).index(self.fields[key])
-        except (KeyError, ValueError):
-            raise _NoDerivation(key) from None
-
-
-class _PathChooser(_Chooser):
-    """Follows a path of option indices (0 past its end) and records each choice's size."""
-
-    def __init__(self, path: list[int]) -> None:
-        super().__init__()
-        self.path, self.sizes = path, []
-
-    def _index(self, key: str, options: Sequence[Any], weights: Sequence[float] | None) -> int:
-        if len(self.sizes) == len(self.path):
-            self.path.append(0)
-        self.sizes.append(len(options))
-        return self.path[len(self.sizes) - 1]
-
-
-def _article(obj: str) -> str:
-    return "an" if obj[0] in "aeiou" else "a"
-
-
 class StoryWorld:
     """Sampler, exact scorer, enumerator and QA generator for one ``StoryWorldSpec``."""
 
@@ -298,18 +106,18 @@ class StoryWorld:
         self.places = PLACES[: self.spec.num_places]
         self.max_cast = min(self.spec.max_cast, self.spec.num_characters)
         self.weights = [(k, w) for k, w in self.spec.event_weights if w > 0]
-        self._actions: dict[str, Callable[[_State, _Chooser], str]] = {
+        self._actions: dict[str, Callable[[_State, Chooser], str]] = {
             k: getattr(self, f"_do_{k}") for k in EVENT_KINDS
         }
 
     # ---- the probabilistic program -------------------------------------------------------
-    def _run(self, ch: _Chooser) -> _State:
+    def _run(self, ch: Chooser) -> _State:
         st = _State()
         while (sentence := self._step(st, ch)) is not None:
             st.sentences.append(sentence)
         return st
 
-    def _step(self, st: _State, ch: _Chooser) -> str | None:
+    def _step(self, st: _State, ch: Chooser) -> str | None:
         """Appends one event to ``st`` and returns its sentence (no period), or None to stop."""
         n, spec = len(st.sentences), self.spec
         if n == 0:
@@ -327,7 +135,7 @@ class StoryWorld:
         conn = "" if kind == "react" else ch.pick("conn", CONNECTIVES)
         return conn + self._actions[kind](st, ch)
 
-    def _stops(self, ch: _Chooser) -> bool:
+    def _stops(self, ch: Chooser) -> bool:
         p = self.spec.stop_prob
         return True if p >= 1.0 else ch.pick("stop", (False, True), (1.0 - p, p))
 
@@ -370,7 +178,7 @@ class StoryWorld:
     def _held_by(self, st: _State, who: str) -> list[str]:
         return [o for o, h in st.holder.items() if h == who]
 
-    def _do_go(self, st: _State, ch: _Chooser) -> str:
+    def _do_go(self, st: _State, ch: Chooser) -> str:
         who = ch.pick("who", st.cast)
         place = ch.pick("place", [p for p in self.places if p != st.loc[who]])
         st.loc[who] = place
@@ -378,7 +186,7 @@ class StoryWorld:
             del st.mood[who]
         return self._event(st, "go", who=who, place=place)
 
-    def _do_arrive(self, st: _State, ch: _Chooser) -> str:
+    def _do_arrive(self, st: _State, ch: Chooser) -> str:
         who = ch.pick("who", [c for c in self.names if c not in st.cast])
         # Newcomers join someone already in the story, so characters meet and can interact.
         place = ch.pick("place", list(dict.fromkeys(st.loc[c] for c in st.cast)))
@@ -390,10 +198,10 @@ class StoryWorld:
         st.loc[who] = place
         return core
 
-    def _do_find(self, st: _State, ch: _Chooser) -> str:
+    def _do_find(self, st: _State, ch: Chooser) -> str:
         who = ch.pick("who", self._finders(st))
         obj = ch.pick("obj", self._findable(st, who))
-        art = "the" if obj in st.seen else _article(obj)  # a lost object was mentioned before
+        art = "the" if obj in st.seen else article(obj)  # a lost object was mentioned before
         st.seen.add(obj)
         st.lost.pop(obj, None)
         st.holder[obj] = who
@@ -401,7 +209,7 @@ class StoryWorld:
         st.mood[who] = ("happy", core)
         return core
 
-    def _do_lose(self, st: _State, ch: _Chooser) -> str:
+    def _do_lose(self, st: _State, ch: Chooser) -> str:
         who = ch.pick("who", self._holders(st))
         obj = ch.pick("obj", self._held_by(st, who))
         del st.holder[obj]
@@ -410,7 +218,7 @@ class StoryWorld:
         st.mood[who] = ("sad", core)
         return core
 
-    def _do_give(self, st: _State, ch: _Chooser) -> str:
+    def _do_give(self, st: _State, ch: Chooser) -> str:
         who = ch.pick("who", self._givers(st))
         obj = ch.pick("obj", self._held_by(st, who))
         to = ch.pick("to", self._companions(st, who))
@@ -419,13 +227,13 @@ class StoryWorld:
         st.mood[to] = ("happy", core)
         return core
 
-    def _do_play(self, st: _State, ch: _Chooser) -> str:
+    def _do_play(self, st: _State, ch: Chooser) -> str:
         who = ch.pick("who", self._holders(st))
         obj = ch.pick("obj", self._held_by(st, who))
         verb = ch.pick("verb", PLAY_VERBS)
         return self._event(st, "play", who=who, verb=verb, obj=obj)
 
-    def _do_react(self, st: _State, ch: _Chooser) -> str:
+    def _do_react(self, st: _State, ch: Chooser) -> str:
         who = ch.pick("who", [c for c in st.cast if c in st.mood])
         feeling, reason = st.mood.pop(who)
         template = ch.pick("template", range(len(REACT_TEMPLATES)))
@@ -437,7 +245,7 @@ class StoryWorld:
     # ---- public API ------------------------------------------------------------------------
     def sample(self, rng: random.Random) -> Story:
         """Draws one story from ``rng`` (never the global RNG) with its exact log-prob."""
-        ch = _Sampler(rng)
+        ch = Sampler(rng)
         st = self._run(ch)
         return Story(_join(st.sentences), ch.logp, self._facts(st))
 
@@ -447,7 +255,7 @@ class StoryWorld:
         sentences = _split(text)
         if sentences is None:
             return None
-        ch, st = _Replayer(), _State()
+        ch, st = Replayer(), _State()
         try:
             for sentence in sentences:
                 ch.fields = self._parse(sentence)
@@ -457,7 +265,7 @@ class StoryWorld:
             ch.fields = {"stop": True}
             if self._step(st, ch) is not None:
                 return None
-        except _NoDerivation:
+        except NoDerivation:
             return None
         return Story(text, ch.logp, self._facts(st))
 
@@ -477,7 +285,7 @@ class StoryWorld:
         """
         path: list[int] = []
         for _ in range(max_docs) if max_docs is not None else itertools.count():
-            ch = _PathChooser(path)
+            ch = PathChooser(path)
             yield _join(self._run(ch).sentences), math.exp(ch.logp)
             # Odometer step: bump the deepest choice that still has an untried option.
             while path and path[-1] + 1 >= ch.sizes[len(path) - 1]:
@@ -499,7 +307,7 @@ class StoryWorld:
         rng = random.Random(seed)
         bits, nbytes = np.empty(num_docs), np.empty(num_docs)
         for i in range(num_docs):
-            ch = _Sampler(rng)
+            ch = Sampler(rng)
             text = _join(self._run(ch).sentences)
             bits[i], nbytes[i] = -ch.logp / _LN2, len(text.encode("utf-8"))
         rate = float(bits.sum() / nbytes.sum())
@@ -532,46 +340,17 @@ class StoryWorld:
     # ---- parsing -------------------------------------------------------------------------------
     def _parse(self, sentence: str) -> dict[str, Any]:
         """The choices that would produce ``sentence``; its wording is checked on replay."""
-        conn = next((p for p in _PREFIXES if sentence.startswith(p)), "")
+        conn = next((p for p in PREFIXES if sentence.startswith(p)), "")
         entry = self._table.get(sentence[len(conn) :])
         if entry is None:
-            raise _NoDerivation(sentence)
+            raise NoDerivation(sentence)
         kind, values = entry
         return {"stop": False, "kind": kind, "conn": conn, **values}
 
     @cached_property
     def _table(self) -> dict[str, tuple[str, dict[str, Any]]]:
-        """Sentence core -> (kind, choices); built lazily and checked to be unambiguous."""
-        table: dict[str, tuple[str, dict[str, Any]]] = {}
-
-        def add(core: str, kind: str, **values: Any) -> None:
-            if core in table or core.startswith(_PREFIXES):
-                raise RuntimeError(f"story world grammar is ambiguous at {core!r}")
-            table[core] = (kind, values)
-
-        for who in self.names:
-            for place in self.places:
-                for kind in ("open", "go", "arrive"):
-                    add(CORES[kind].format(who=who, place=place), kind, who=who, place=place)
-            for obj in self.objects:
-                for art in (_article(obj), "the"):
-                    add(CORES["find"].format(who=who, art=art, obj=obj), "find", who=who, obj=obj)
-                add(CORES["lose"].format(who=who, obj=obj), "lose", who=who, obj=obj)
-                for verb in PLAY_VERBS:
-                    core = CORES["play"].format(who=who, verb=verb, obj=obj)
-                    add(core, "play", who=who, obj=obj, verb=verb)
-                for to in self.names:
-                    if to != who:
-                        core = CORES["give"].format(who=who, obj=obj, to=to)
-                        add(core, "give", who=who, obj=obj, to=to)
-            for feeling, actions in REACTIONS.items():
-                for t, template in enumerate(REACT_TEMPLATES):
-                    for action in actions:
-                        core = template.format(
-                            who=who, feeling=feeling, pron=self.pron[who], action=action
-                        )
-                        add(core, "react", who=who, template=t, action=action)
-        return table
+        """Sentence core -> (kind, choices) of this world; built lazily (see `sentence_table`)."""
+        return sentence_table(self.names, self.pron, self.objects, self.places)
 
     def _facts(self, st: _State) -> StoryFacts:
         locations = tuple((c, st.loc[c]) for c in st.cast)

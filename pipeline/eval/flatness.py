@@ -1,8 +1,9 @@
 """The sharpness table of the evaluate report: how flat each fine-tuning method's minimum is.
 
-The measures themselves (epsilon-sharpness, Lanczos extreme Hessian eigenvalues) and the
-sentences that read them (`flatness_verdict`) are in `pipeline/eval/sharpness.py`; this
-module applies them to the weights the finetune stage wrote, on fixed test batches.
+The measures themselves are `pipeline/eval/sharpness.py` (epsilon-sharpness, and the
+sentences that read the measures: `flatness_verdict`) and `pipeline/eval/hessian.py` (Lanczos
+extreme Hessian eigenvalues); this module applies them to the weights the finetune stage
+wrote, on fixed test batches.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 from pipeline.config import Config
 from pipeline.core.names import METHODS_DIR, WEIGHTS_FILE
-from pipeline.eval.sharpness import epsilon_sharpness, hessian_extreme_eigenvalues
+from pipeline.eval.hessian import hessian_extreme_eigenvalues
+from pipeline.eval.sharpness import epsilon_sharpness
 from pipeline.model.load import load_model
 from pipeline.train.batches import eval_batches
 
@@ -42,7 +44,7 @@ def sharpness_table(cfg: Config, test_tokens: np.ndarray, seed: int) -> dict[str
     """Epsilon-sharpness and the extreme Hessian eigenvalues of each fine-tuning method's weights.
 
     Per method: `test_loss`, `sharpness`, `hessian_max_eig` / `hessian_min_eig` (largest and
-    smallest, by Lanczos: see pipeline/eval/sharpness.py), their residuals and whether both
+    smallest, by Lanczos: see pipeline/eval/hessian.py), their residuals and whether both
     converged. All methods are measured on the same `cfg.evaluate.sharpness_batches` test
     batches of 8 windows, drawn with `seed`.
     """

@@ -11,93 +11,24 @@ already wrote and never re-measures anything:
 - the model config, decoding samples, gate verdict and lineage, from the register stage.
 
 A stage that did not run (its file is absent) turns its part into "not available (stage X
-not run)". Tables go through `pipeline.core.markdown.table`, which escapes free text.
+not run)". The inputs and the strict report reader are pipeline/serve/card_inputs.py; this
+module renders the sections. Tables go through `pipeline.core.markdown.table`, which escapes
+free text.
 Standard library only (plus stdlib-only pipeline modules): importable without torch or mlflow.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.core.errors import LmforgeError
 from pipeline.core.markdown import Md, bullets, code, duration, fmt, pct, si, table
-from pipeline.core.names import MODEL_CONFIG_FILE, report_json, report_md
-from pipeline.text.shards import META_FILE
+from pipeline.core.names import MODEL_CONFIG_FILE
+from pipeline.serve.card_inputs import CardInputs, Report, not_run
 
 MAX_SAMPLE_CHARS = 600  # a sample longer than this is cut in the card (the card is a summary)
-_OPS = {"<=": "≤", ">=": "≥"}  # the comparisons of register's check_gate
-
-
-class Report(Mapping[str, Any]):
-    """A stage's JSON (or a part of it): a missing key is an error naming the file and key."""
-
-    def __init__(self, data: Mapping[str, Any], where: Path, keys: tuple[str, ...] = ()):
-        self._data, self._where, self._keys = data, where, keys
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._data:
-            name = ".".join((*self._keys, key))
-            raise LmforgeError(f"{self._where}: no key {name!r}; re-run the stage that writes it")
-        return self._wrap(self._data[key], (*self._keys, key))
-
-    def _wrap(self, value: Any, keys: tuple[str, ...]) -> Any:
-        """Dicts (also inside lists) as Reports, so their missing keys are named too."""
-        if isinstance(value, list):
-            return [self._wrap(v, (*keys[:-1], f"{keys[-1]}[{i}]")) for i, v in enumerate(value)]
-        return Report(value, self._where, keys) if isinstance(value, dict) else value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
-def read_report(path: Path) -> Report | None:
-    """The JSON object at `path`, or None when the file does not exist (the stage did not run)."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LmforgeError(f"{path}: not a readable JSON report ({e}); re-run its stage") from None
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return Report(data, path)
-
-
-def not_run(stage: str) -> str:
-    """The card's words for a part whose stage output is missing."""
-    return f"not available (stage {stage} not run)"
-
-
-@dataclass(frozen=True)
-class CardInputs:
-    """What the register stage hands over; the stage files are read from `cfg`'s paths."""
-
-    cfg: Config
-    model_config: dict[str, Any]  # model_config.json of the registered weights (GPTConfig)
-    num_params: int  # parameter count (tied head once)
-    samples: list[tuple[str, str]]  # (prompt, generated text) with the served defaults
-    gate: dict[str, Any]  # register's check_gate result: {"passed", "checks": [...]}
-    lineage: dict[str, str]  # git commit, DVC experiment, digests, run ids
-    timing: dict[str, float] = field(default_factory=dict)  # pretrain MLflow: wall_seconds,
-    # tokens_per_s (pretrain's DVC metrics hold no timings: they would differ on every run)
-
-    def report(self, stage: str) -> Report | None:
-        return read_report(self.cfg.path("reports") / report_json(stage))
-
-    def markdown(self, stage: str) -> str | None:
-        path = self.cfg.path("reports") / report_md(stage)
-        return path.read_text(encoding="utf-8") if path.is_file() else None
-
-    def tokenizer_meta(self) -> Report | None:
-        return read_report(self.cfg.path("tokenizer") / META_FILE)
+_OPS = {"<=": "≤", ">=": "≥"}  # the comparisons of pipeline.serve.gate.check_gate
 
 
 def _tokens_seen(inp: CardInputs) -> int | None:

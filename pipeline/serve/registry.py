@@ -107,8 +107,16 @@ def create_version(
     if len(description) > MAX_DESCRIPTION:
         cut = description[: MAX_DESCRIPTION - 80].rsplit("\n", 1)[0]
         description = cut + "\n\n... (truncated: MODEL_CARD.md in the model artifacts is whole)"
+    # A tracking server (REST store) refuses a `models:/<model id>` source without its
+    # model_id ("The model_id request parameter must identify the resource"); SQLite does not.
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     return client.create_model_version(
-        name, source=model_uri, run_id=run_id, tags=tags, description=description
+        name,
+        source=model_uri,
+        run_id=run_id,
+        tags=tags,
+        description=description,
+        model_id=model_id,
     )
 
 
