@@ -138,3 +138,79 @@ def test_cli_config_show_and_bad_key(project):
     )
     assert bad.returncode == 2
     assert "validate.bogus: unknown key" in bad.stderr
+
+
+# Values at and past each bound of the decoding settings (pipeline/config/schema.py).
+DECODING_EDGES = {
+    "strategy": ["beam", "nucleus", 3],
+    "max_new_tokens": [1, 0, 2.0, True],
+    "temperature": [5e-5, 1e-4, 1, 10.0, 10.5, 0, -1.0, float("nan"), float("inf")],
+    "top_k": [0, 5, -1, 1.5],
+    "top_p": [0.005, 0.01, 1.0, 1.01, 0.0],
+    "num_beams": [1, 64, 65, 0],
+    "seed": [0, 2**63 - 1, 2**63, -1],
+}
+
+
+def test_register_decoding_and_a_served_request_obey_one_rule():
+    """A value params.yaml's register.decoding accepts is one a request accepts, and the
+    reverse (one DecodingConfig, one check); both errors name the field."""
+    from pipeline.config.loader import build_config, read_yaml
+    from pipeline.serve.textgen import GenerationParams, GenerationRequestError
+
+    data = read_yaml(REPO / "params.yaml")
+    base = dict(data["register"]["decoding"])
+    for key, values in DECODING_EDGES.items():
+        for value in values:
+            data["register"]["decoding"] = {**base, key: value}
+            try:
+                cfg = build_config(data, REPO)
+                in_params = None
+            except ConfigError as e:
+                in_params = str(e)
+            try:
+                GenerationParams.from_mapping({key: value})
+                in_request = None
+            except GenerationRequestError as e:
+                in_request = e
+            assert (in_params is None) == (in_request is None), (key, value, in_params)
+            if in_request is not None:
+                assert in_request.field == key, (key, value, in_request)
+                assert f"register.decoding.{key}: expected" in in_params, in_params
+            else:
+                assert getattr(cfg.register.decoding, key) == value
+
+
+def test_preset_merge_semantics():
+    """Mappings merge key by key, lists and scalars replace, new keys are added (the schema
+    rejects them later), and neither input is changed."""
+    from pipeline.config.loader import deep_merge
+
+    base = {"a": {"b": 1, "c": [1, 2], "d": {"e": 1}}, "f": 2}
+    over = {"a": {"c": [3], "d": {"g": 4}, "b": {"x": 1}}, "f": {"y": 2}, "h": None}
+    snapshot = yaml.safe_dump([base, over])
+    merged = deep_merge(base, over)
+    assert merged == {
+        "a": {"b": {"x": 1}, "c": [3], "d": {"e": 1, "g": 4}},  # a mapping replaces a scalar
+        "f": {"y": 2},
+        "h": None,  # a new key, even with a null value
+    }
+    assert yaml.safe_dump([base, over]) == snapshot
+    merged["a"]["c"].append(9)  # the result shares nothing with the inputs
+    assert over["a"]["c"] == [3]
+    with pytest.raises(ConfigError, match=r"h: unknown key"):
+        load_config(REPO, overrides=["h=1"])
+
+
+def test_params_writer_writes_what_the_loader_resolves(tmp_path):
+    """params.yaml after `apply_to_params` holds exactly the data the loader resolves from the
+    same preset and overrides (one merge), and unchanged keys keep their comments."""
+    from pipeline.config.loader import resolve_data
+
+    root = make_project(tmp_path / "p", preset=None)
+    overrides = ["seed=7", "validate.sources=[{kind: storyworld, num_docs: 300}]"]
+    overrides += ["finetune.max_steps=3", "pretrain.resume=false"]
+    expected = resolve_data(root, "ci", overrides)
+    apply_to_params(root, "ci", overrides)
+    assert yaml.safe_load((root / "params.yaml").read_text()) == expected
+    assert "# lmforge configuration" in (root / "params.yaml").read_text()

@@ -272,6 +272,13 @@ def covered(rel_file: str, deps: tuple[str, ...]) -> bool:
 # --------------------------------------------------------------------------------------
 
 
+# Config dataclasses that are also plain value types of the library, so an annotation with
+# one names no params key: DecodingConfig is `register.decoding`, but evaluate builds one from
+# its own keys and every served request is one (pipeline/model/generate.py takes any). Reads
+# of register.decoding itself go through `cfg.register.decoding`, which the chains catch.
+VALUE_TYPES = {"DecodingConfig"}
+
+
 @dataclass
 class Schema:
     """The tree of Config dataclasses: which attribute names are keys, and where."""
@@ -301,7 +308,11 @@ class Schema:
             return out
 
         tree = build(root_type, ())
-        unique = {name: keys[0] for name, keys in seen.items() if len(keys) == 1}
+        unique = {
+            name: keys[0]
+            for name, keys in seen.items()
+            if len(keys) == 1 and name not in VALUE_TYPES
+        }
         return cls(tree, unique)
 
     def cut(self, prefix: tuple[str, ...], attrs: list[str]) -> tuple[str, ...]:

@@ -3,24 +3,37 @@ filters, eos handling, seeding, config validation and the block_size limits."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import itertools
 import math
+import typing
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+from pipeline.config import DecodingConfig, EvaluateConfig
+from pipeline.config.decoding import DecodingError
+from pipeline.config.schema import DECODING_FIELDS
 from pipeline.model.generate import (
-    DecodeConfig,
     beam_search,
     filter_logits,
     generate,
     sequence_logprob,
 )
 from pipeline.model.gpt import GPT, GPTConfig, KVCache
+from pipeline.serve.textgen import GenerationParams
 
 POS = ["learned", "sinusoidal", "rotary"]
+OFF = dict(temperature=1.0, top_k=0, top_p=1.0, num_beams=1, seed=0)  # every filter off
+
+
+def dec(strategy: str, max_new_tokens: int, **settings: object) -> DecodingConfig:
+    """A DecodingConfig with the given settings, the others off (it has no defaults)."""
+    return DecodingConfig(strategy, max_new_tokens, **{**OFF, **settings})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -118,13 +131,13 @@ def test_cache_batch_mismatch_raises() -> None:
 @pytest.mark.parametrize(
     "cfg",
     [
-        DecodeConfig("greedy", max_new_tokens=12),
-        DecodeConfig("sample", max_new_tokens=12, seed=3),
-        DecodeConfig("sample", max_new_tokens=12, temperature=0.7, top_k=4, top_p=0.9, seed=5),
+        dec("greedy", 12),
+        dec("sample", 12, seed=3),
+        dec("sample", 12, temperature=0.7, top_k=4, top_p=0.9, seed=5),
     ],
     ids=["greedy", "sample", "sample-filtered"],
 )
-def test_cached_and_uncached_decoding_give_the_same_tokens(pos: str, cfg: DecodeConfig) -> None:
+def test_cached_and_uncached_decoding_give_the_same_tokens(pos: str, cfg: DecodingConfig) -> None:
     model = tiny_model(pos)
     prompt = torch.tensor([[1, 2, 3], [3, 0, 6]])  # (B, T)
     cached = generate(model, prompt, cfg, use_cache=True)
@@ -136,7 +149,7 @@ def test_cached_and_uncached_decoding_give_the_same_tokens(pos: str, cfg: Decode
 def test_greedy_is_the_argmax_of_the_full_forward() -> None:
     model = tiny_model()
     prompt = [1, 2]
-    out = generate(model, prompt, DecodeConfig("greedy", max_new_tokens=6))
+    out = generate(model, prompt, dec("greedy", 6))
     assert isinstance(out, list) and len(out) == 6
     seq = list(prompt)
     for tok in out:
@@ -148,22 +161,22 @@ def test_greedy_is_the_argmax_of_the_full_forward() -> None:
 def test_near_zero_temperature_sampling_equals_greedy(pos: str) -> None:
     model = tiny_model(pos)
     prompt = torch.tensor([[1, 2, 3], [5, 5, 0]])
-    greedy = generate(model, prompt, DecodeConfig("greedy", max_new_tokens=10))
-    cold = generate(model, prompt, DecodeConfig("sample", max_new_tokens=10, temperature=1e-4))
+    greedy = generate(model, prompt, dec("greedy", 10))
+    cold = generate(model, prompt, dec("sample", 10, temperature=1e-4))
     assert torch.equal(greedy, cold)
 
 
 def test_same_seed_same_samples_independent_of_global_rng() -> None:
     model = tiny_model(vocab=8)
     prompt = torch.tensor([[1, 2], [3, 4], [5, 6]])
-    cfg = DecodeConfig("sample", max_new_tokens=12, seed=7)
+    cfg = dec("sample", 12, seed=7)
     torch.manual_seed(0)
     a = generate(model, prompt, cfg)
     torch.manual_seed(123)
     _ = torch.rand(10)
     b = generate(model, prompt, cfg)
     assert torch.equal(a, b)
-    others = [generate(model, prompt, DecodeConfig("sample", 12, seed=s)) for s in range(8, 12)]
+    others = [generate(model, prompt, dec("sample", 12, seed=s)) for s in range(8, 12)]
     assert any(not torch.equal(a, o) for o in others)
     # decoding does not advance the global RNG
     torch.manual_seed(5)
@@ -176,10 +189,10 @@ def test_same_seed_same_samples_independent_of_global_rng() -> None:
 def test_eos_stops_a_sequence_and_pads_finished_rows() -> None:
     model = tiny_model()
     prompt = torch.tensor([[1, 2, 3], [3, 0, 6]])
-    free = generate(model, prompt, DecodeConfig("greedy", max_new_tokens=10))
+    free = generate(model, prompt, dec("greedy", 10))
     eos = int(free[0, 2])
     stop0 = free[0].tolist().index(eos)  # row 0 emits eos first here
-    out = generate(model, prompt, DecodeConfig("greedy", max_new_tokens=10, eos_id=eos))
+    out = generate(model, prompt, dec("greedy", 10), eos_id=eos)
     row1 = free[1].tolist()
     stop1 = row1.index(eos) if eos in row1 else 9
     assert out.size(1) == max(stop0, stop1) + 1  # stops once every row has emitted eos
@@ -187,30 +200,30 @@ def test_eos_stops_a_sequence_and_pads_finished_rows() -> None:
     assert (out[0, stop0:] == eos).all()  # finished row padded with eos
     assert out[1, : stop1 + 1].tolist() == row1[: stop1 + 1]
     assert (out[1, stop1:] == eos).all() or stop1 == 9
-    single = generate(model, [1, 2, 3], DecodeConfig("greedy", max_new_tokens=10, eos_id=eos))
+    single = generate(model, [1, 2, 3], dec("greedy", 10), eos_id=eos)
     assert single == free[0, : stop0 + 1].tolist()  # a list ends at its eos
 
 
 def test_generate_restores_the_training_mode() -> None:
     model = tiny_model().train()
-    generate(model, [1, 2], DecodeConfig("greedy", max_new_tokens=3))
+    generate(model, [1, 2], dec("greedy", 3))
     assert model.training
     model.eval()
-    generate(model, [1, 2], DecodeConfig("sample", max_new_tokens=3))
+    generate(model, [1, 2], dec("sample", 3))
     assert not model.training
 
 
 def test_generate_crops_the_prompt_from_the_left() -> None:
     model = tiny_model("rotary")
     long_prompt = [i % 7 for i in range(30)]
-    cfg = DecodeConfig("greedy", max_new_tokens=4)
+    cfg = dec("greedy", 4)
     out = generate(model, long_prompt, cfg)
     # block_size 16: the prompt keeps its last 16 - 4 + 1 = 13 tokens
     assert out == generate(model, long_prompt[-13:], cfg)
     assert out == generate(model, long_prompt, cfg, use_cache=False)
     with pytest.raises(ValueError, match="block_size"):
-        generate(model, [1], DecodeConfig("greedy", max_new_tokens=17))
-    assert len(generate(model, [1], DecodeConfig("greedy", max_new_tokens=16))) == 16
+        generate(model, [1], dec("greedy", 17))
+    assert len(generate(model, [1], dec("greedy", 16))) == 16
 
 
 # --------------------------------------------------------------------------------------
@@ -267,18 +280,18 @@ def test_beam_search_cached_equals_uncached_and_scores_follow_the_convention(pos
 def test_single_beam_without_eos_is_greedy() -> None:
     model = tiny_model("rotary")
     prompt = [1, 2, 3]
-    greedy = generate(model, prompt, DecodeConfig("greedy", max_new_tokens=8))
+    greedy = generate(model, prompt, dec("greedy", 8))
     [(seq, _)] = beam_search(model, prompt, 1, 8, length_penalty=0.0)
     assert seq == greedy
-    assert generate(model, prompt, DecodeConfig("beam", max_new_tokens=8)) == greedy
+    assert generate(model, prompt, dec("beam", 8)) == greedy
 
 
 def test_generate_beam_strategy_returns_the_best_beam() -> None:
     model = tiny_model(vocab=5)
-    cfg = DecodeConfig("beam", max_new_tokens=3, num_beams=4, length_penalty=0.5, eos_id=2)
+    cfg = dec("beam", 3, num_beams=4)
     best = beam_search(model, [1, 4], 4, 3, length_penalty=0.5, eos_id=2)[0][0]
-    assert generate(model, [1, 4], cfg) == best
-    batch = generate(model, torch.tensor([[1, 4], [1, 4]]), cfg)
+    assert generate(model, [1, 4], cfg, eos_id=2, length_penalty=0.5) == best
+    batch = generate(model, torch.tensor([[1, 4], [1, 4]]), cfg, eos_id=2, length_penalty=0.5)
     assert batch[0].tolist()[: len(best)] == best
     assert torch.equal(batch[0], batch[1])
 
@@ -339,27 +352,87 @@ def test_top_k_keeps_k_and_combines_with_top_p_and_temperature() -> None:
         (dict(strategy="topk"), "strategy"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(max_new_tokens=2.0), "max_new_tokens"),
+        (dict(max_new_tokens=None), "max_new_tokens"),
         (dict(temperature=0.0), "temperature"),
+        (dict(temperature=10.5), "temperature"),
         (dict(temperature=math.inf), "temperature"),
+        (dict(temperature=math.nan), "temperature"),
         (dict(top_k=-1), "top_k"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(num_beams=0), "num_beams"),
-        (dict(num_beams=3), "num_beams"),  # beams need strategy="beam"
-        (dict(length_penalty=math.nan), "length_penalty"),
-        (dict(eos_id=-1), "eos_id"),
+        (dict(num_beams=65), "num_beams"),
         (dict(seed=True), "seed"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=2**63), "seed"),
     ],
 )
-def test_decode_config_validation_names_the_field(kwargs: dict, field: str) -> None:
-    args = {"strategy": "sample", "max_new_tokens": 4, **kwargs}
-    with pytest.raises(ValueError, match=rf"DecodeConfig\.{field}"):
-        DecodeConfig(**args)
+def test_decoding_config_validation_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(DecodingError, match=rf"^{field}: expected") as e:
+        DecodingConfig(**{"strategy": "sample", "max_new_tokens": 4, **OFF, **kwargs})
+    assert e.value.field == field
 
 
-def test_decode_config_accepts_beam_settings() -> None:
-    cfg = DecodeConfig("beam", max_new_tokens=4, num_beams=5, length_penalty=0.0, eos_id=0)
-    assert cfg.num_beams == 5
+def test_generate_checks_its_eos_and_length_penalty() -> None:
+    model = tiny_model(vocab=5)
+    with pytest.raises(ValueError, match="eos_id"):
+        generate(model, [1], dec("greedy", 2), eos_id=-1)
+    with pytest.raises(ValueError, match="eos_id"):
+        generate(model, [1], dec("greedy", 2), eos_id=5)  # outside the vocabulary
+    with pytest.raises(ValueError, match="length_penalty"):
+        generate(model, [1], dec("beam", 2), length_penalty=math.nan)
+    with pytest.raises(TypeError, match="DecodingConfig"):
+        generate(model, [1], {"strategy": "greedy", "max_new_tokens": 2})  # type: ignore[arg-type]
+
+
+def test_beam_width_applies_to_strategy_beam_only() -> None:
+    model = tiny_model()
+    assert dec("beam", 4, num_beams=5).num_beams == 5
+    greedy = generate(model, [1, 2], dec("greedy", 6))
+    assert generate(model, [1, 2], dec("greedy", 6, num_beams=3)) == greedy  # ignored
+
+
+DECODING_KNOBS = {"max_new_tokens", "temperature", "top_k", "top_p", "num_beams"}
+
+
+def test_the_decoding_settings_are_defined_once() -> None:
+    """One dataclass: a class elsewhere in pipeline/ that annotates two or more decoding
+    settings must take each from DecodingConfig (`decoding_spec`), and the served request,
+    evaluate's keys and `generate` use DecodingConfig itself."""
+    root = Path(__file__).resolve().parents[1] / "pipeline"
+    redefined = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            knobs = [
+                st
+                for st in node.body
+                if isinstance(st, ast.AnnAssign)
+                and isinstance(st.target, ast.Name)
+                and st.target.id in DECODING_KNOBS
+            ]
+            if len(knobs) < 2 or (path.name, node.name) == ("schema.py", "DecodingConfig"):
+                continue
+            for st in knobs:
+                call = st.value
+                if not (
+                    isinstance(call, ast.Call) and getattr(call.func, "id", "") == "decoding_spec"
+                ):
+                    redefined.append(f"{path.relative_to(root.parent)}:{node.name}.{st.target.id}")
+    assert not redefined, f"decoding settings defined outside DecodingConfig: {redefined}"
+
+    request = [f.name for f in dataclasses.fields(GenerationParams)]
+    assert issubclass(GenerationParams, DecodingConfig)
+    assert request == [*DECODING_FIELDS, "return_full_text"]
+    assert typing.get_type_hints(generate)["cfg"] is DecodingConfig
+    ours = {f.name: f for f in dataclasses.fields(DecodingConfig)}
+    hints, ev_hints = typing.get_type_hints(DecodingConfig), typing.get_type_hints(EvaluateConfig)
+    for f in dataclasses.fields(EvaluateConfig):
+        if f.name in ours:  # evaluate's flat keys: same type, same bounds
+            assert ev_hints[f.name] == hints[f.name], f.name
+            for bound in ("min", "max", "above"):
+                assert f.metadata[bound] == ours[f.name].metadata[bound], (f.name, bound)
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0, -0.5, 2.0])
@@ -456,8 +529,8 @@ def test_sampled_rows_are_padded_with_eos_after_they_finish() -> None:
     model = tiny_model(vocab=8)
     prompt = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 1]])
     for seed in range(3):
-        cfg = DecodeConfig("sample", max_new_tokens=12, temperature=2.0, eos_id=0, seed=seed)
-        out = generate(model, prompt, cfg)
+        cfg = dec("sample", 12, temperature=2.0, seed=seed)
+        out = generate(model, prompt, cfg, eos_id=0)
         for row in out.tolist():
             if 0 in row:
                 assert set(row[row.index(0) :]) == {0}

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.config.decoding import DecodingError, in_bounds
 from pipeline.config.schema import PARAMS_FILE, PRESETS_DIR, Config, ConfigError
 from pipeline.core.names import RESOLVED_CONFIG
 
@@ -79,12 +80,14 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
 
 
 def _check_range(f: dataclasses.Field, value: Any, key: str, errors: list[str]) -> None:
-    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    lo, hi, above = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("above")
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        errors.append(f"{key}: expected a value in {bounds}, got {value!r}")
+    if not in_bounds(value, f.metadata):
+        low = f"({above}" if above is not None else f"[{lo if lo is not None else '-inf'}"
+        errors.append(
+            f"{key}: expected a value in {low}, {hi if hi is not None else 'inf'}], got {value!r}"
+        )
 
 
 def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
@@ -116,6 +119,10 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
         return cls(**kwargs)
     except TypeError:
         return None  # a missing field, already reported
+    except DecodingError as e:  # the class's own check (DecodingConfig): NaN, or reported
+        if not any(err.startswith(_join(prefix, e.field) + ":") for err in errors):
+            errors.append(f"{_join(prefix, e.field)}: {e.message}")
+        return None
 
 
 def _join(prefix: str, key: Any) -> str:
@@ -212,15 +219,26 @@ def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+def merge_into(target: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge `over` into `target` in place (and return it): the one preset merge.
+
+    Mappings merge key by key; every other value (lists too) replaces, and a key `target`
+    lacks is added (the schema check afterwards rejects unknown keys). A value equal to the
+    one already there is left alone, so a ruamel document (`params_file`) keeps the comments
+    and layout of what did not change.
+    """
+    for key, value in over.items():
+        old = target.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            merge_into(old, value)
+        elif key not in target or old != value:
+            target[key] = copy.deepcopy(value)
+    return target
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Recursive merge; mappings merge key by key, everything else (lists too) replaces."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
+    """`over` merged into a copy of `base` (`merge_into`); neither input changes."""
+    return merge_into(copy.deepcopy(base), over)
 
 
 def find_root(start: Path | None = None) -> Path:

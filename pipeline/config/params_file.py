@@ -19,20 +19,12 @@ from pipeline.config.loader import (
     PARAMS_FILE,
     apply_override,
     build_config,
+    merge_into,
     parse_override,
     preset_overrides,
     resolve_data,
 )
 from pipeline.core.io import atomic_write_text
-
-
-def _assign(node: Any, new: dict[str, Any]) -> None:
-    """Set `new` into the ruamel mapping `node` key by key, so comments on keys survive."""
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(node.get(key), dict):
-            _assign(node[key], value)
-        elif node.get(key) != value:
-            node[key] = value
 
 
 def apply_to_params(root: Path, preset: str | None, overrides: list[str]) -> list[str]:
@@ -52,8 +44,8 @@ def apply_to_params(root: Path, preset: str | None, overrides: list[str]) -> lis
     yaml.preserve_quotes = True
     path = root / PARAMS_FILE
     doc = yaml.load(path.read_text(encoding="utf-8"))
-    before = copy.deepcopy(doc)  # a snapshot: _assign edits `doc` in place
-    _assign(doc, delta)
+    before = copy.deepcopy(doc)  # a snapshot: merge_into edits `doc` in place
+    merge_into(doc, delta)  # the loader's merge: the file says what resolve_data resolved
     buf = io.StringIO()
     yaml.dump(doc, buf)
     changed = _diff_keys(before, doc)

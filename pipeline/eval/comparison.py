@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.core.markdown import table
 from pipeline.core.plots import bar_chart_png
 from pipeline.eval.flatness import flatness_measures
 from pipeline.eval.sharpness import flatness_verdict
@@ -56,20 +57,23 @@ def comparison_report(
 
 def comparison_markdown(results: dict[str, dict[str, Any]], chosen: str) -> str:
     """The comparison table, then what its numbers show (`flatness_verdict`), as bullets."""
-    lines = [
-        "| method | held-out answer loss | task accuracy | epsilon-sharpness "
-        "| largest Hessian eig. | smallest Hessian eig. | Lanczos residuals (largest, smallest) "
-        "| converged |",
-        "|---|---|---|---|---|---|---|---|",
+    header = ["method", "held-out answer loss", "task accuracy", "epsilon-sharpness"]
+    header += ["largest Hessian eig.", "smallest Hessian eig."]
+    header += ["Lanczos residuals (largest, smallest)", "converged"]
+    rows = [
+        [
+            f"{m} (moves on)" if m == chosen else m,
+            f"{r['answer_loss']:.4f}",
+            f"{r['task_accuracy']:.3f}",
+            f"{r['sharpness']:.4g}",
+            f"{r['hessian_max_eig']:.4g}",
+            f"{r['hessian_min_eig']:.4g}",
+            f"{r['hessian_max_residual']:.2g}, {r['hessian_min_residual']:.2g}",
+            "yes" if r["hessian_converged"] else "no",
+        ]
+        for m, r in results.items()
     ]
-    for m, r in results.items():
-        mark = " (moves on)" if m == chosen else ""
-        lines.append(
-            f"| {m}{mark} | {r['answer_loss']:.4f} | {r['task_accuracy']:.3f} | "
-            f"{r['sharpness']:.4g} | {r['hessian_max_eig']:.4g} | {r['hessian_min_eig']:.4g} | "
-            f"{r['hessian_max_residual']:.2g}, {r['hessian_min_residual']:.2g} | "
-            f"{'yes' if r['hessian_converged'] else 'no'} |"
-        )
+    lines = table(header, rows)
     lines += ["", "What the numbers show (lower is flatter):", ""]
     lines += [f"- {sentence}" for sentence in flatness_verdict(results)]
     return "\n".join(lines) + "\n"

@@ -9,11 +9,12 @@ fine-tuning test split.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from tokenizers import Tokenizer
 
-from pipeline.config import Config
+from pipeline.config import Config, DecodingConfig
 from pipeline.core.names import FINETUNE_TEST
 from pipeline.eval.generation import (
     distinct_n,
@@ -23,7 +24,7 @@ from pipeline.eval.generation import (
     repetition_rate,
     validity_rate,
 )
-from pipeline.model.generate import DecodeConfig, generate
+from pipeline.model.generate import generate
 from pipeline.model.gpt import GPT
 from pipeline.text.task_data import evaluate_task, read_examples, tokenize
 from pipeline.text.tokenizer import decode, encode_docs
@@ -36,21 +37,24 @@ def decode_all(
     e, T = cfg.evaluate, model.config.block_size
     # Prompt and continuation share the context: leave at least half of it to the prompt.
     n = min(e.max_new_tokens, T // 2)
+    # Each strategy changes one setting of plain greedy decoding (every filter off).
+    greedy = DecodingConfig(
+        "greedy", n, temperature=1.0, top_k=0, top_p=1.0, num_beams=1, seed=seed
+    )
     strategies = {
-        "greedy": DecodeConfig("greedy", n, eos_id=eot),
-        "beam": DecodeConfig(
-            "beam", n, num_beams=e.num_beams, length_penalty=e.length_penalty, eos_id=eot
-        ),
-        "temperature": DecodeConfig("sample", n, e.temperature, eos_id=eot, seed=seed),
-        "top_k": DecodeConfig("sample", n, 1.0, top_k=e.top_k, eos_id=eot, seed=seed),
-        "top_p": DecodeConfig("sample", n, 1.0, top_p=e.top_p, eos_id=eot, seed=seed),
+        "greedy": greedy,
+        "beam": replace(greedy, strategy="beam", num_beams=e.num_beams),
+        "temperature": replace(greedy, strategy="sample", temperature=e.temperature),
+        "top_k": replace(greedy, strategy="sample", top_k=e.top_k),
+        "top_p": replace(greedy, strategy="sample", top_p=e.top_p),
     }
     prompt_ids = encode_docs(tok, prompts)
     out: dict[str, list[str]] = {}
     for name, dcfg in strategies.items():
         texts = []
         for p, ids in zip(prompts, prompt_ids, strict=True):
-            new = generate(model, [eot, *ids], dcfg)  # the prompt is cropped to fit T
+            # The prompt is cropped to fit T; length_penalty scores the beam strategy only.
+            new = generate(model, [eot, *ids], dcfg, eos_id=eot, length_penalty=e.length_penalty)
             texts.append(p + decode(tok, _until(new, eot)))
         out[name] = texts
     return out

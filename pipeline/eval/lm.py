@@ -121,23 +121,8 @@ def kl_rate(
     and the interval is ``R +- z * se``. A model equal to the source gets exactly 0 with a
     zero-width interval; a model that gives a document probability 0 gets ``inf``.
     """
-    q = _as_vector("model_nll_bits", model_nll_bits)  # (n,)
-    p = _as_vector("source_nll_bits", source_nll_bits)  # (n,)
-    b = _as_vector("n_bytes", n_bytes)  # (n,)
-    if not len(q) == len(p) == len(b):
-        raise ValueError(
-            f"kl_rate: model_nll_bits, source_nll_bits and n_bytes must have one entry per "
-            f"document, got lengths {len(q)}, {len(p)} and {len(b)}"
-        )
-    n = len(q)
-    if n < 2:
-        raise ValueError(f"kl_rate: need at least 2 documents for a standard error, got {n}")
-    if not np.isfinite(p).all():
-        bad = int(np.flatnonzero(~np.isfinite(p))[0])
-        raise ValueError(f"kl_rate: source_nll_bits[{bad}] is not finite; docs must come from P")
-    if np.any(b < 0) or b.sum() <= 0:
-        raise ValueError("kl_rate: n_bytes must be >= 0 per document with a positive total")
-    total_bytes = float(b.sum())
+    q, p, b = _kl_inputs(model_nll_bits, source_nll_bits, n_bytes)  # (n,) each
+    n, total_bytes = len(q), float(b.sum())
     source_bpb = float(p.sum()) / total_bytes
     if not np.isfinite(q).all():  # Q(x) = 0 for some x drawn from P: infinite KL
         inf = math.inf
@@ -163,3 +148,26 @@ def kl_rate(
         "source_bits_per_byte": source_bpb,
         "num_docs": n,
     }
+
+
+def _kl_inputs(
+    model_nll_bits: Sequence[float], source_nll_bits: Sequence[float], n_bytes: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """kl_rate's inputs as checked (n,) float64 vectors: one entry per document, n >= 2,
+    finite source code lengths (the documents come from P), byte counts >= 0 summing > 0."""
+    q = _as_vector("model_nll_bits", model_nll_bits)  # (n,)
+    p = _as_vector("source_nll_bits", source_nll_bits)  # (n,)
+    b = _as_vector("n_bytes", n_bytes)  # (n,)
+    if not len(q) == len(p) == len(b):
+        raise ValueError(
+            f"kl_rate: model_nll_bits, source_nll_bits and n_bytes must have one entry per "
+            f"document, got lengths {len(q)}, {len(p)} and {len(b)}"
+        )
+    if len(q) < 2:
+        raise ValueError(f"kl_rate: need at least 2 documents for a standard error, got {len(q)}")
+    if not np.isfinite(p).all():
+        bad = int(np.flatnonzero(~np.isfinite(p))[0])
+        raise ValueError(f"kl_rate: source_nll_bits[{bad}] is not finite; docs must come from P")
+    if np.any(b < 0) or b.sum() <= 0:
+        raise ValueError("kl_rate: n_bytes must be >= 0 per document with a positive total")
+    return q, p, b

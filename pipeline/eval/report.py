@@ -1,9 +1,14 @@
-"""The human-readable evaluate report (`reports/evaluate.md`) and its numbers for MLflow."""
+"""The human-readable evaluate report (`reports/evaluate.md`) and its numbers for MLflow.
+
+Every table goes through `pipeline.core.markdown.table`: numbers are formatted here (the
+report's fixed digits), names are escaped there, so no strategy or source name breaks a row.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pipeline.core.markdown import Md, table
 from pipeline.core.nested import flatten
 
 
@@ -26,66 +31,61 @@ def markdown(report: dict[str, Any], gens: dict[str, list[str]], k: int) -> str:
 
 def _test_section(t: dict[str, Any]) -> list[str]:
     c = t["calibration"]
-    return [
-        "",
-        "## Held-out test split",
-        "",
-        "| cross-entropy (nats/token) | perplexity | bits/byte | ECE | Brier | entropy |",
-        "|---|---|---|---|---|---|",
-        f"| {t['cross_entropy']:.4f} | {t['perplexity']:.3f} | {t['bits_per_byte']:.4f} | "
-        f"{c['ece']:.4f} | {c['brier']:.4f} | {c['entropy']:.4f} |",
-    ]
+    header = ["cross-entropy (nats/token)", "perplexity", "bits/byte", "ECE", "Brier", "entropy"]
+    row = [f"{t['cross_entropy']:.4f}", f"{t['perplexity']:.3f}", f"{t['bits_per_byte']:.4f}"]
+    row += [f"{c['ece']:.4f}", f"{c['brier']:.4f}", f"{c['entropy']:.4f}"]
+    return ["", "## Held-out test split", "", *table(header, [row])]
 
 
 def _kl_section(source_kl: dict[str, dict[str, Any]]) -> list[str]:
-    lines = [
+    header = ["source", "model bits/byte", "source entropy bits/byte", "KL bits/byte", "95% CI"]
+    header += ["docs", "docs over one window"]
+    rows = [
+        [
+            name,
+            f"{r['model_bits_per_byte']:.4f}",
+            f"{r['source_bits_per_byte']:.4f}",
+            f"{r['kl_bits_per_byte']:.4f}",
+            Md(f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"),  # our brackets, not a link
+            str(r["num_docs"]),
+            str(r["multi_window_docs"]),
+        ]
+        for name, r in source_kl.items()
+    ]
+    return [
         "",
         "## KL rate to the true source",
         "",
         "Whole documents are scored, each token once with up to the model's full context;",
         "the last column counts the documents longer than one context window.",
         "",
-        "| source | model bits/byte | source entropy bits/byte | KL bits/byte | 95% CI "
-        "| docs | docs over one window |",
-        "|---|---|---|---|---|---|---|",
+        *table(header, rows),
     ]
-    for name, r in source_kl.items():
-        lines.append(
-            f"| {name} | {r['model_bits_per_byte']:.4f} | {r['source_bits_per_byte']:.4f}"
-            f" | {r['kl_bits_per_byte']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
-            f" | {r['num_docs']} | {r['multi_window_docs']} |"
-        )
-    return lines
 
 
 def _sharpness_section(sharpness: dict[str, dict[str, Any]], flatness: list[str]) -> list[str]:
-    lines = [
-        "",
-        "## Sharpness of the fine-tuned weights",
-        "",
-        "| method | test loss | epsilon-sharpness | largest Hessian eig. "
-        "| smallest Hessian eig. | converged |",
-        "|---|---|---|---|---|---|",
+    header = ["method", "test loss", "epsilon-sharpness", "largest Hessian eig."]
+    header += ["smallest Hessian eig.", "converged"]
+    rows = [
+        [
+            m,
+            f"{r['test_loss']:.4f}",
+            f"{r['sharpness']:.4g}",
+            f"{r['hessian_max_eig']:.4g}",
+            f"{r['hessian_min_eig']:.4g}",
+            "yes" if r["hessian_converged"] else "no",
+        ]
+        for m, r in sharpness.items()
     ]
-    for m, r in sharpness.items():
-        lines.append(
-            f"| {m} | {r['test_loss']:.4f} | {r['sharpness']:.4g} | {r['hessian_max_eig']:.4g}"
-            f" | {r['hessian_min_eig']:.4g} | {'yes' if r['hessian_converged'] else 'no'} |"
-        )
-    return [*lines, "", *(f"- {s}" for s in flatness)]
+    return ["", "## Sharpness of the fine-tuned weights", "", *table(header, rows), ""] + [
+        f"- {s}" for s in flatness
+    ]
 
 
 def _decoding_section(generation: dict[str, dict[str, float]], task: float | None) -> list[str]:
     cols = list(next(iter(generation.values())))
-    lines = [
-        "",
-        "## Decoding",
-        "",
-        "| strategy | " + " | ".join(cols) + " |",
-        "|---" * (len(cols) + 1) + "|",
-    ]
-    for s, r in generation.items():
-        lines.append(f"| {s} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+    rows = [[s, *(f"{r[c]:.4f}" for c in cols)] for s, r in generation.items()]
+    lines = ["", "## Decoding", "", *table(["strategy", *cols], rows)]
     if task is not None:
         lines += ["", f"Exact-match accuracy on the fine-tuning test split: {task:.4f}"]
     return lines

@@ -9,7 +9,10 @@ Choices worth stating:
   the positions of cached keys, and the cached and uncached paths would then disagree.
 - `use_cache=False` recomputes the full forward each step: the slow reference the cached path
   is tested against (same tokens, logits within float rounding).
-- Sampling draws from a `torch.Generator` seeded from `DecodeConfig.seed`: results repeat for a
+- The settings are `pipeline.config.DecodingConfig`, the one decoding dataclass (params.yaml's
+  `register.decoding`, the served model's requests, evaluate); the end-of-text id (a fact of
+  the tokenizer) and beam search's length penalty (evaluate's) are arguments of `generate`.
+- Sampling draws from a `torch.Generator` seeded from `DecodingConfig.seed`: results repeat for a
   seed and neither read nor disturb the global RNG (training's seeding stays intact).
 - Beam scores are sum(log p) / length**length_penalty with length = number of generated tokens
   (eos included, prompt excluded); length_penalty 0 gives the plain sum of log-probs.
@@ -25,68 +28,28 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from pipeline.config.schema import DecodingConfig
 from pipeline.model.gpt import GPT, KVCache
 
-STRATEGIES = ("greedy", "sample", "beam")
 TOP_P_TOLERANCE = 1e-6  # cumulative mass within this of p counts as reaching p (float rounding)
 
 
-@dataclass(frozen=True)
-class DecodeConfig:
-    """How to decode. `temperature`, `top_k`, `top_p` apply to "sample"; beams to "beam"."""
-
-    strategy: Literal["greedy", "sample", "beam"]
-    max_new_tokens: int
-    temperature: float = 1.0  # logits / temperature before sampling (> 0)
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    top_p: float = 1.0  # keep the smallest set with probability mass >= top_p; 1 = off
-    num_beams: int = 1
-    length_penalty: float = 1.0  # beam score = sum log p / length**length_penalty
-    eos_id: int | None = None  # stop a sequence after it emits this id
-    seed: int = 0  # seeds the sampling generator
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"DecodeConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}"
-            )
-        _check_int("max_new_tokens", self.max_new_tokens, 1)
-        _check_int("top_k", self.top_k, 0)
-        _check_int("num_beams", self.num_beams, 1)
-        _check_int("seed", self.seed, 0)
-        if self.eos_id is not None:
-            _check_int("eos_id", self.eos_id, 0)
-        if not _is_real(self.temperature) or not self.temperature > 0:
-            raise ValueError(
-                f"DecodeConfig.temperature must be a finite number > 0, got {self.temperature!r}"
-            )
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"DecodeConfig.top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_real(self.length_penalty):
-            raise ValueError(
-                f"DecodeConfig.length_penalty must be a finite number, got {self.length_penalty!r}"
-            )
-        if self.num_beams > 1 and self.strategy != "beam":
-            raise ValueError(
-                f"DecodeConfig.num_beams={self.num_beams} needs strategy='beam', "
-                f"got strategy={self.strategy!r}"
-            )
+def _check_eos(eos_id: int | None, vocab_size: int) -> None:
+    if eos_id is not None and (
+        isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < vocab_size
+    ):
+        raise ValueError(f"eos_id={eos_id!r} is outside the vocabulary [0, {vocab_size})")
 
 
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"DecodeConfig.{name} must be an integer >= {low}, got {value!r}")
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _check_length_penalty(length_penalty: float) -> None:
+    ok = isinstance(length_penalty, int | float) and not isinstance(length_penalty, bool)
+    if not ok or not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -207,34 +170,44 @@ class _Stepper:
 def generate(
     model: GPT,
     prompt_ids: list[int] | Tensor,
-    cfg: DecodeConfig,
+    cfg: DecodingConfig,
+    *,
+    eos_id: int | None = None,
+    length_penalty: float = 1.0,
     use_cache: bool = True,
 ) -> Tensor | list[int]:
     """Generate up to cfg.max_new_tokens ids after the prompt; returns only the new ids.
 
     A list prompt gives a list (ending at eos when one was emitted); a (B, T) tensor gives a
     (B, n) tensor, n <= max_new_tokens, where rows that finished early are padded with eos.
-    Decoding stops when every sequence has emitted eos. The prompt is cropped from the left so
-    prompt and continuation fit block_size. "beam" returns each row's best beam.
+    A sequence stops after it emits `eos_id`, decoding when every sequence has. The prompt is
+    cropped from the left so prompt and continuation fit block_size. "beam" returns each
+    row's best beam, scored with `length_penalty` (sum log p / length**length_penalty).
     """
+    if not isinstance(cfg, DecodingConfig):
+        raise TypeError(f"cfg must be a DecodingConfig, got {type(cfg).__name__}")
+    _check_eos(eos_id, model.config.vocab_size)
+    _check_length_penalty(length_penalty)
     device, _ = _model_device_dtype(model)
     ids = _crop(_as_batch(prompt_ids, device), cfg.max_new_tokens, model.config.block_size)
     if cfg.strategy == "beam":
-        beam_args = (cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty, cfg.eos_id)
+        beam_args = (cfg.num_beams, cfg.max_new_tokens, length_penalty, eos_id)
         rows = [beam_search(model, row.tolist(), *beam_args, use_cache)[0][0] for row in ids]
         if isinstance(prompt_ids, list):
             return rows[0]
         n = max(len(r) for r in rows)
-        pad = cfg.eos_id if cfg.eos_id is not None else 0  # rows differ only after an eos
+        pad = eos_id if eos_id is not None else 0  # rows differ only after an eos
         return torch.tensor([r + [pad] * (n - len(r)) for r in rows], device=device)
     with _inference(model):
-        out = _decode(model, ids, cfg, use_cache)  # (B, n)
+        out = _decode(model, ids, cfg, eos_id, use_cache)  # (B, n)
     if isinstance(prompt_ids, list):
         return out[0].tolist()
     return out
 
 
-def _decode(model: GPT, ids: Tensor, cfg: DecodeConfig, use_cache: bool) -> Tensor:
+def _decode(
+    model: GPT, ids: Tensor, cfg: DecodingConfig, eos_id: int | None, use_cache: bool
+) -> Tensor:
     """Greedy or sampled decoding of a (B, T) batch -> new ids (B, n)."""
     gen = None
     if cfg.strategy == "sample":
@@ -250,9 +223,9 @@ def _decode(model: GPT, ids: Tensor, cfg: DecodeConfig, use_cache: bool) -> Tens
             filtered = filter_logits(logits.float(), cfg.temperature, cfg.top_k, cfg.top_p)
             probs = F.softmax(filtered, dim=-1)
             tok = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
-        if cfg.eos_id is not None:
-            tok = tok.masked_fill(finished, cfg.eos_id)  # finished rows are padded with eos
-            finished |= tok == cfg.eos_id
+        if eos_id is not None:
+            tok = tok.masked_fill(finished, eos_id)  # finished rows are padded with eos
+            finished |= tok == eos_id
         new.append(tok)
         if bool(finished.all()) or step == cfg.max_new_tokens - 1:
             break
@@ -291,21 +264,13 @@ def beam_search(
     survives, so the result is the exact most probable continuation. `early_stopping=False`
     always runs to max_new_tokens: the same result, slower (a reference for tests).
     """
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    _check_beam_args(num_beams, max_new_tokens)
     device, _ = _model_device_dtype(model)
     ids = _as_batch(prompt_ids, device)
     if ids.size(0) != 1:
         raise ValueError(f"beam_search takes one prompt, got a batch of {ids.size(0)}")
     ids = _crop(ids, max_new_tokens, model.config.block_size)  # (1, T)
-    if eos_id is not None and not 0 <= eos_id < model.config.vocab_size:
-        raise ValueError(
-            f"eos_id={eos_id} is outside the vocabulary [0, {model.config.vocab_size})"
-        )
+    _check_eos(eos_id, model.config.vocab_size)
     finished: list[tuple[list[int], float]] = []
     with _inference(model):
         stepper = _Stepper(model, ids, max_new_tokens, use_cache)
@@ -313,27 +278,19 @@ def beam_search(
         sums = torch.zeros(1, dtype=torch.float64, device=device)  # (W,) sum of log-probs
         for step in range(1, max_new_tokens + 1):  # step = length after this token
             logp = F.log_softmax(stepper.logits().double(), dim=-1)  # (W, V)
-            V = logp.size(-1)
-            n_live = logp.numel()  # candidates that stay live
-            if eos_id is not None:  # every beam's eos extension is a finished hypothesis
-                for beam, s in zip(beams, (sums + logp[:, eos_id]).tolist(), strict=True):
-                    finished.append(([*beam, eos_id], _beam_score(s, step, length_penalty)))
-                finished = sorted(finished, key=lambda b: -b[1])[:num_beams]
-                logp[:, eos_id] = float("-inf")
+            V, n_live = logp.size(-1), logp.numel()  # n_live: candidates that stay live
+            if eos_id is not None:
+                ended = _finish_with_eos(finished, beams, sums, logp, eos_id, step, length_penalty)
+                finished = sorted(ended, key=lambda b: -b[1])[:num_beams]
                 n_live -= len(beams)
             totals = (sums.unsqueeze(1) + logp).view(-1)  # (W * V,)
-            top_sums, top_idx = totals.topk(min(num_beams, n_live))  # the best live extensions
+            sums, top_idx = totals.topk(min(num_beams, n_live))  # the best live extensions
             parents, tokens = top_idx // V, top_idx % V  # (W',) each
-            new_sums = top_sums.tolist()
             beams = [[*beams[p], t] for p, t in zip(parents.tolist(), tokens.tolist(), strict=True)]
-            sums = top_sums
             if not beams or step == max_new_tokens:
                 break
             if early_stopping and len(finished) == num_beams:
-                # Best reachable score of a live beam: length_penalty > 0 favours the longest
-                # length, < 0 the shortest (the next step), 0 ignores length.
-                best_len = max_new_tokens if length_penalty > 0 else step + 1
-                bound = _beam_score(max(new_sums), best_len, length_penalty)
+                bound = _best_reachable(sums.tolist(), step, max_new_tokens, length_penalty)
                 if bound <= finished[-1][1]:
                     return finished  # live beams are unfinished: they cannot enter the list
             stepper.append(tokens, parents)
@@ -342,6 +299,44 @@ def beam_search(
         for seq, s in zip(beams, sums.tolist(), strict=True)
     ]
     return sorted(finished + live, key=lambda b: -b[1])[:num_beams]
+
+
+def _check_beam_args(num_beams: object, max_new_tokens: object) -> None:
+    for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _finish_with_eos(
+    finished: list[tuple[list[int], float]],
+    beams: list[list[int]],
+    sums: Tensor,
+    logp: Tensor,
+    eos_id: int,
+    step: int,
+    length_penalty: float,
+) -> list[tuple[list[int], float]]:
+    """Every live beam's eos extension added to `finished` as a scored hypothesis.
+
+    Then eos is masked out of `logp` (W, V) in place, so no live beam ends with it.
+    """
+    ended = list(finished)
+    for beam, s in zip(beams, (sums + logp[:, eos_id]).tolist(), strict=True):
+        ended.append(([*beam, eos_id], _beam_score(s, step, length_penalty)))
+    logp[:, eos_id] = float("-inf")
+    return ended
+
+
+def _best_reachable(
+    live_sums: list[float], step: int, max_new_tokens: int, length_penalty: float
+) -> float:
+    """The best score a live beam can still reach: log-probs are <= 0, so its sum only falls.
+
+    length_penalty > 0 favours the longest length, < 0 the shortest (the next step), 0 ignores
+    length.
+    """
+    best_len = max_new_tokens if length_penalty > 0 else step + 1
+    return _beam_score(max(live_sums), best_len, length_penalty)
 
 
 # --------------------------------------------------------------------------------------

@@ -29,9 +29,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from pipeline.config.decoding import DecodingError
+from pipeline.config.decoding import shown as _shown
+from pipeline.config.schema import DecodingConfig
 from pipeline.core.errors import LmforgeError
 from pipeline.core.names import MODEL_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
-from pipeline.model.generate import STRATEGIES, DecodeConfig, generate
+from pipeline.model.generate import generate
 from pipeline.model.gpt import GPT
 from pipeline.model.load import read_model_files
 from pipeline.text.shards import META_FILE, read_meta
@@ -42,26 +45,33 @@ PACKAGE_FILES = (MODEL_CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, META_FILE)
 DEFAULTS_FILE = "generation_defaults.json"  # in a registered package: register.decoding
 
 
-# Bounds of a generation request: the same rule for the served model and `lmforge generate`.
-# - max_new_tokens: 1 .. the model's block_size. Prompt and continuation share the context,
-#   and the prompt is cropped from the left to fit (pipeline/model/generate.py), so the longest
-#   continuation is the whole context; a larger value is refused, never quietly lowered.
-# - temperature: finite, 0 < t <= MAX_TEMPERATURE (0 would be argmax: use strategy greedy;
-#   above 10 sampling is close to uniform noise, the same bound as register.decoding).
-# - top_k >= 0 (0 = off; a k above the vocabulary keeps every token); 0 < top_p <= 1.
-# - num_beams: 1 .. MAX_BEAMS (the cost of beam search grows with the width; it is the bound
-#   of register.decoding.num_beams). It applies to strategy beam only, as temperature, top_k
-#   and top_p apply to strategy sample only.
-# - strategy: one of pipeline.model.generate.STRATEGIES (greedy, sample, beam).
-# - seed: 0 .. 2**63 - 1 (a torch.Generator seed; MLflow's `long`).
+# Bounds of a generation request: the same rule for the served model, `lmforge generate` and
+# params.yaml's register.decoding, because a request is a DecodingConfig (pipeline/config/
+# schema.py: each field's spec bounds, checked by pipeline/config/decoding.py) plus
+# `return_full_text`. What the bounds do not say:
+# - max_new_tokens: at most the model's block_size (`check_for_model`). Prompt and
+#   continuation share the context, and the prompt is cropped from the left to fit
+#   (pipeline/model/generate.py), so the longest continuation is the whole context; a larger
+#   value is refused, never quietly lowered.
+# - num_beams applies to strategy beam only, as temperature, top_k and top_p apply to
+#   strategy sample only (the cost of beam search grows with the width: at most 64).
 # - prompts: 1 .. MAX_PROMPTS strings of at most MAX_PROMPT_CHARS characters each. Each
 #   prompt is decoded on its own, so a request costs prompts x max_new_tokens forward steps.
-MAX_TEMPERATURE = 10.0
-MAX_BEAMS = 64
-MAX_SEED = 2**63 - 1
 MAX_PROMPTS = 64
 MAX_PROMPT_CHARS = 20_000
 PROMPTS_FIELD = "inputs"  # the served model's request field that holds the prompts
+# The decoding of a bare model folder (no generation_defaults.json): the values of
+# params.yaml's register.decoding, whose copy a registered package carries.
+FALLBACK_DEFAULTS: dict[str, Any] = {
+    "strategy": "greedy",
+    "max_new_tokens": 48,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "num_beams": 1,
+    "seed": 0,
+    "return_full_text": True,
+}
 
 
 class GenerationRequestError(LmforgeError, ValueError):
@@ -72,18 +82,8 @@ class GenerationRequestError(LmforgeError, ValueError):
         self.field = field
 
 
-def _shown(value: Any) -> str:
-    """The value as the request spelled it: JSON-like, and short."""
-    text = "null" if value is None else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # True is not a token count
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)) and math.isfinite(value)
 
 
 def _check_int(name: str, value: Any, low: int, high: int, why: str = "") -> None:
@@ -114,49 +114,21 @@ def check_prompts(prompts: Any) -> list[str]:
 
 
 @dataclass(frozen=True)
-class GenerationParams:
+class GenerationParams(DecodingConfig):
     """Per-request decoding settings (the pyfunc's params; defaults from `register.decoding`).
 
-    Every instance is checked on construction (types and the bounds above, except the
-    model's own limit on max_new_tokens: `check_for_model`); an error names the field.
+    The decoding fields are DecodingConfig's (one definition, one check); a request adds only
+    `return_full_text`. Every instance is checked on construction (types and bounds, except
+    the model's own limit on max_new_tokens: `check_for_model`); an error names the field.
     """
 
-    strategy: str = "greedy"  # greedy | sample | beam
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    num_beams: int = 1
-    seed: int = 0
     return_full_text: bool = True  # prompt + continuation (False: the continuation only)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
-            raise GenerationRequestError(
-                "strategy", f"expected one of {list(STRATEGIES)}, got {_shown(self.strategy)}"
-            )
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise GenerationRequestError(
-                "max_new_tokens",
-                f"expected an integer >= 1, got {_shown(self.max_new_tokens)}",
-            )
-        t = self.temperature
-        if not _is_number(t) or not 0 < t <= MAX_TEMPERATURE:
-            raise GenerationRequestError(
-                "temperature",
-                f"expected a number in (0, {MAX_TEMPERATURE:g}] (use strategy 'greedy' for "
-                f"argmax), got {_shown(t)}",
-            )
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise GenerationRequestError(
-                "top_k", f"expected an integer >= 0 (0 = off), got {_shown(self.top_k)}"
-            )
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise GenerationRequestError(
-                "top_p", f"expected a number in (0, 1] (1 = off), got {_shown(self.top_p)}"
-            )
-        _check_int("num_beams", self.num_beams, 1, MAX_BEAMS)
-        _check_int("seed", self.seed, 0, MAX_SEED)
+        try:
+            super().__post_init__()
+        except DecodingError as e:
+            raise GenerationRequestError(e.field, e.message) from None
         if not isinstance(self.return_full_text, bool):
             raise GenerationRequestError(
                 "return_full_text", f"expected true or false, got {_shown(self.return_full_text)}"
@@ -167,7 +139,7 @@ class GenerationParams:
         cls, values: Mapping[str, Any] | None, base: GenerationParams | None = None
     ) -> GenerationParams:
         """`base` with the keys of `values` replaced; an unknown key is an error naming it."""
-        base = base or cls()
+        base = base or cls(**FALLBACK_DEFAULTS)
         if values is not None and not isinstance(values, Mapping):
             raise GenerationRequestError("params", f"expected an object, got {_shown(values)}")
         values = dict(values or {})
@@ -191,19 +163,6 @@ class GenerationParams:
             f" (this model's context, block_size={block_size})",
         )
 
-    def decode_config(self, eos_id: int) -> DecodeConfig:
-        """The `DecodeConfig` of these (already checked) settings."""
-        return DecodeConfig(
-            strategy=self.strategy,  # type: ignore[arg-type]
-            max_new_tokens=self.max_new_tokens,
-            temperature=float(self.temperature),
-            top_k=self.top_k,
-            top_p=float(self.top_p),
-            num_beams=self.num_beams if self.strategy == "beam" else 1,
-            eos_id=eos_id,
-            seed=self.seed,
-        )
-
 
 class TextGenerator:
     """A GPT in eval mode plus its tokenizer: `complete(prompts)` and `bits_per_byte(texts)`."""
@@ -217,8 +176,8 @@ class TextGenerator:
         self.eot_id = eot_id
         block_size = model.config.block_size
         if defaults is None:  # the built-in defaults, with a continuation that fits the model
-            n_new = min(GenerationParams.max_new_tokens, block_size)
-            defaults = GenerationParams(max_new_tokens=n_new)
+            n_new = min(FALLBACK_DEFAULTS["max_new_tokens"], block_size)
+            defaults = GenerationParams(**{**FALLBACK_DEFAULTS, "max_new_tokens": n_new})
         try:  # given defaults that do not fit would fail every request: refuse them now
             defaults.check_for_model(block_size)
         except GenerationRequestError as e:
@@ -274,10 +233,10 @@ class TextGenerator:
 
     def complete_checked(self, prompts: list[str], gp: GenerationParams) -> list[str]:
         """`complete` for a request `check_request` already accepted."""
-        dcfg = gp.decode_config(self.eot_id)
         out = []
         for prompt, ids in zip(prompts, encode_docs(self.tokenizer, prompts), strict=True):
-            new = list(generate(self.model, [self.eot_id, *ids], dcfg))  # list in, list out
+            # gp is a DecodingConfig (return_full_text aside): generate takes it as it is.
+            new = list(generate(self.model, [self.eot_id, *ids], gp, eos_id=self.eot_id))
             if self.eot_id in new:
                 new = new[: new.index(self.eot_id)]  # stop at the end of the document
             text = decode(self.tokenizer, new)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.io import atomic_write_bytes
+from pipeline.core.markdown import table
 from pipeline.sweep.fit import FIT_PARAMS, LAW, predict
 
 
@@ -55,28 +56,29 @@ def report_markdown(
 ) -> str:
     """The sweep report: one table row per point, then the fitted law and E against H."""
     lines = ["# Scaling-law sweep", "", f"`{LAW}`, L in validation bits per byte.", ""]
-    lines += [
-        "| point | layers | heads | width | N (params) | steps | D (tokens) "
-        "| val bpb | fit | residual |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["point", "layers", "heads", "width", "N (params)", "steps", "D (tokens)"]
+    header += ["val bpb", "fit", "residual"]
     by_point = {r["point"]: r for r in (fit or {}).get("residuals", [])}
+    cells = []
     for r in rows:
         f = by_point.get(r["point"], {})
-        lines.append(
-            f"| {r['point']} | {r['n_layer']} | {r['n_head']} | {r['n_embd']} | {r['N']:,} "
-            f"| {r['steps']} | {r['D']:,} | {r['val_bpb']:.4f} | {_f(f.get('fit'))} "
-            f"| {_f(f.get('residual'), '+.4f')} |"
+        cells.append(
+            [str(r[k]) for k in ("point", "n_layer", "n_head", "n_embd")]
+            + [f"{r['N']:,}", str(r["steps"]), f"{r['D']:,}", f"{r['val_bpb']:.4f}"]
+            + [_f(f.get("fit")), _f(f.get("residual"), "+.4f")]
         )
-    for f in failed:
-        lines.append(f"| {f['point']} | failed: {f['error'].splitlines()[-1][:80]} |" + " |" * 8)
+    for f in failed:  # the error's last line, escaped by `table`: free text cannot break it
+        cells.append([f["point"], f"failed: {f['error'].splitlines()[-1][:80]}", *[""] * 8])
+    lines += table(header, cells)
     lines += ["", "## Fit", ""]
     if fit is None:
         lines.append(f"No fit: {fit_error}")
         return "\n".join(lines) + "\n"
     se = fit["stderr"]
-    lines += ["| parameter | value | stderr |", "|---|---|---|"]
-    lines += [f"| {k} | {fit[k]:.4g} | {_f(se.get(k), '.2g')} |" for k in FIT_PARAMS]
+    lines += table(
+        ["parameter", "value", "stderr"],
+        [[k, f"{fit[k]:.4g}", _f(se.get(k), ".2g")] for k in FIT_PARAMS],
+    )
     r2 = _f(fit["r2"], ".4f")
     lines += ["", f"RMSE {fit['rmse']:.4f} bits/byte, R² {r2}, {fit['n_points']} points, "]
     lines[-1] += f"{fit['dof']} degrees of freedom."
