@@ -303,10 +303,10 @@ def test_flops_per_token_gpt2_by_hand():
 
 def test_mfu_matches_design_reference():
     """DESIGN.md: 472k tokens/s on GPT-2 124M at T=1024 is 40.8% MFU of 989 TFLOP/s."""
-    value = mfu(472e3, PRESETS["gpt2-124m"], None, PEAK_FLOPS["h100-sxm-bf16"])
+    value = mfu(472e3, PRESETS["gpt2-124m"], None, PEAK_FLOPS["h100-sxm-bf16"], world_size=1)
     assert value == pytest.approx(0.408, abs=0.01)
     with pytest.raises(ValueError, match="peak"):
-        mfu(1.0, PRESETS["tiny"], None, 0.0)
+        mfu(1.0, PRESETS["tiny"], None, 0.0, world_size=1)
 
 
 def test_peak_flops_lookup():

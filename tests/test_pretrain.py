@@ -25,6 +25,7 @@ from pipeline.text.tokenizer import load_tokenizer
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import loop
 from pipeline.train.batches import eval_batches
+from pipeline.train.outputs import report_path as loop_report
 
 TINY = [
     "model.n_layer=2",
@@ -220,6 +221,7 @@ def test_older_checkpoints_with_a_scheduler_entry_still_resume(tokenized):
     state["scheduler"] = {"kind": "warmup_cosine", "last_step": 3}  # as older versions wrote
     state["history"] = [{"step": 3, "loss": 5.0}]
     state_path.write_text(json.dumps(state))
+    (saved / "checksums.json").unlink()  # older versions wrote no checksums either
 
     resumed = loop.build(cfg, info)
     assert resumed.start_step == 4 and resumed.history == state["history"]
@@ -285,6 +287,74 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenized):
 
     trainer = loop.build(cfg, distributed.init("cpu"))
     assert trainer.start_step == step  # a re-run resumes there
+
+
+SHORT = ["pretrain.max_steps=3", "pretrain.eval_interval=100", "pretrain.checkpoint_interval=100"]
+
+
+def test_ddp_with_one_process_under_torchrun_matches_single(tokenized, procs):
+    """`torchrun --nproc_per_node=1` with strategy=ddp (it crashed: no process group)."""
+    single = run_cfg(tokenized, "one_single", *SHORT)
+    pretrain.run(single)
+    sets = [
+        *TINY,
+        *SHORT,
+        "pretrain.strategy=ddp",
+        "paths.reports=out/one_ddp/reports",
+        "paths.pretrain=out/one_ddp/m",
+        "paths.checkpoints=out/one_ddp/c",
+    ]
+    launcher = [sys.executable, "-m", "pipeline.ops.launch", "--standalone", "--nproc_per_node=1"]
+    args = [a for s in sets for a in ("--set", s)]
+    proc = procs.start(
+        [*launcher, "-m", "pipeline.stages.pretrain", *args],
+        cwd=tokenized,
+        env=stage_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    ddp = cfg_for(tokenized, *sets)
+    report = json.loads(loop_report(ddp).read_text())
+    assert report["world_size"] == 1 and report["steps"] == 3
+    assert losses(ddp) == losses(single)  # one replica: DDP changes no bit
+
+
+def test_fsdp_with_one_process_without_torchrun(tokenized):
+    """strategy=fsdp in a plain process: a one-member group on an in-memory store."""
+    import torch.distributed as dist
+
+    cfg = run_cfg(tokenized, "one_fsdp", *SHORT, "pretrain.strategy=fsdp")
+    report = pretrain.run(cfg)
+    assert report["world_size"] == 1 and len(losses(cfg)) == 3
+    assert not dist.is_initialized()  # the stage tears its group down
+
+
+def test_deterministic_mode_is_recorded_restored_and_changes_no_cpu_bit(tokenized):
+    off = run_cfg(tokenized, "det_off", *SHORT)
+    on = run_cfg(tokenized, "det_on", *SHORT, "pretrain.deterministic=true")
+    assert pretrain.run(off)["deterministic"] is False
+    assert pretrain.run(on)["deterministic"] is True
+    assert losses(on) == losses(off)  # CPU training is deterministic either way
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the stage
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    from pipeline.train import distributed
+    from pipeline.train.resume import digest_inputs, training_digest
+
+    with distributed.deterministic_mode(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert not torch.backends.cuda.flash_sdp_enabled()
+        assert not torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+        assert torch._inductor.config.deterministic
+    assert torch.backends.cuda.flash_sdp_enabled()
+    assert not torch._inductor.config.deterministic
+    # It shapes a GPU trajectory, so a checkpoint of one mode never resumes the other.
+    digests = {training_digest(digest_inputs(c, {}, 1, "cuda")) for c in (on, off)}
+    assert len(digests) == 2
 
 
 @pytest.mark.slow

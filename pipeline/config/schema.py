@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.config.decoding import MAX_SEED, Strategy, check_fields
+
 PARAMS_FILE = "params.yaml"
 PRESETS_DIR = "presets"
 
@@ -23,9 +25,19 @@ class ConfigError(ValueError):
     """A params file, preset or override is invalid; the message names every bad key."""
 
 
-def spec(doc: str, *, min: float | None = None, max: float | None = None, **kw: Any) -> Any:
-    """A dataclass field carrying its documentation and allowed range (inclusive)."""
-    return field(metadata={"doc": doc, "min": min, "max": max}, **kw)
+def spec(
+    doc: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    **kw: Any,
+) -> Any:
+    """A dataclass field carrying its documentation and allowed range.
+
+    `min` and `max` are inclusive bounds, `above` an exclusive lower bound (value > above).
+    """
+    return field(metadata={"doc": doc, "min": min, "max": max, "above": above}, **kw)
 
 
 # --------------------------------------------------------------------------------------
@@ -180,7 +192,11 @@ class PretrainConfig:
     )
     device: Literal["auto", "cpu", "cuda"] = spec("auto: CUDA when available")
     dtype: Literal["auto", "float32", "bfloat16"] = spec("auto: bf16 autocast on CUDA, fp32 on CPU")
-    compile: Literal["auto", "on", "off"] = spec("torch.compile; auto: on for CUDA")
+    # YAML 1.1 reads a bare on/off (also in `--set pretrain.compile=on`) as true/false, so
+    # the booleans are accepted too and read as "on"/"off" (`__post_init__`).
+    compile: Literal["auto", "on", "off", True, False] = spec(
+        "torch.compile: auto (on for CUDA), on/true or off/false"
+    )
     max_steps: int = spec("optimizer steps", min=1)
     micro_batch_size: int = spec("sequences per process per forward/backward", min=1)
     tokens_per_step: int = spec("global tokens per optimizer step (sets grad accumulation)", min=1)
@@ -197,6 +213,19 @@ class PretrainConfig:
     checkpoint_interval: int = spec("steps between checkpoints", min=1)
     keep_checkpoints: int = spec("checkpoints kept on disk (the newest)", min=1)
     resume: bool = spec("continue from the newest checkpoint in the output folder if any")
+    deterministic: bool = spec(
+        "reproducible GPU runs: deterministic algorithms, CUBLAS_WORKSPACE_CONFIG, math SDPA "
+        "(slower; CPU runs are deterministic either way)"
+    )
+
+    def __post_init__(self) -> None:
+        value = self.compile
+        if isinstance(value, bool):
+            object.__setattr__(self, "compile", "on" if value else "off")
+        elif not isinstance(value, str):  # 1 == True passes the Literal check
+            raise ConfigError(
+                f"pretrain.compile: expected one of 'auto', 'on', 'off', got {value!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -238,6 +267,40 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class DecodingConfig:
+    """How to decode: the one set of decoding settings (pipeline/config/decoding.py).
+
+    `register.decoding` (the served model's defaults), every request to the served model
+    (`pipeline.serve.textgen.GenerationParams` adds `return_full_text`), evaluate's
+    strategies and `pipeline.model.generate` all use it. Checked on construction against
+    these specs (`check_fields`): the same bounds the loader checks in params.yaml.
+    temperature, top_k and top_p apply to strategy sample only, num_beams to beam only.
+    """
+
+    strategy: Strategy = spec("greedy, sample or beam search")
+    max_new_tokens: int = spec("longest continuation, at most the model's block_size", min=1)
+    temperature: float = spec("sampling temperature; greedy is the argmax", above=0, max=10.0)
+    top_k: int = spec("top-k sampling cut-off, 0 = off", min=0)
+    top_p: float = spec("nucleus sampling mass, 1 = off", above=0, max=1.0)
+    num_beams: int = spec("beam width", min=1, max=64)
+    seed: int = spec("sampling seed", min=0, max=MAX_SEED)
+
+    def __post_init__(self) -> None:
+        check_fields(self, DECODING_FIELDS)
+        for name in ("temperature", "top_p"):  # 1 -> 1.0, as the loader converts floats
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+
+DECODING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DecodingConfig))
+
+
+def decoding_spec(name: str, doc: str) -> Any:
+    """A required field of another section that takes a DecodingConfig field's bounds."""
+    meta = next(f.metadata for f in dataclasses.fields(DecodingConfig) if f.name == name)
+    return spec(doc, min=meta["min"], max=meta["max"], above=meta["above"])
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Held-out scores, KL to the true source, calibration, sharpness and decoding."""
 
@@ -246,11 +309,12 @@ class EvaluateConfig:
     calibration_bins: int = spec("bins of the reliability diagram", min=2, max=100)
     sharpness_batches: int = spec("test batches in the sharpness loss", min=1)
     prompts: int = spec("prompts decoded per strategy (k-NN precision/recall needs 4)", min=4)
-    max_new_tokens: int = spec("longest generated continuation", min=1)
-    temperature: float = spec("sampling temperature", min=1e-4, max=10.0)
-    top_k: int = spec("top-k sampling cut-off", min=1)
-    top_p: float = spec("nucleus sampling mass", min=0.01, max=1.0)
-    num_beams: int = spec("beam width", min=1, max=64)
+    # Evaluate decodes with every strategy; these keys take DecodingConfig's bounds.
+    max_new_tokens: int = decoding_spec("max_new_tokens", "longest generated continuation")
+    temperature: float = decoding_spec("temperature", "temperature of the temperature strategy")
+    top_k: int = decoding_spec("top_k", "cut-off of the top_k strategy")
+    top_p: float = decoding_spec("top_p", "nucleus mass of the top_p strategy")
+    num_beams: int = decoding_spec("num_beams", "beam width of the beam strategy")
     length_penalty: float = spec("beam score = log-prob / length ** penalty", min=0.0, max=5.0)
     samples_in_report: int = spec("generations per strategy shown in evaluate.md", min=0)
 
@@ -262,19 +326,6 @@ class GateConfig:
     max_test_bits_per_byte: float = spec("highest allowed test bits per byte", min=0.0)
     max_ece: float = spec("highest allowed expected calibration error", min=0.0, max=1.0)
     min_task_accuracy: float = spec("lowest allowed exact-match task accuracy", min=0.0, max=1.0)
-
-
-@dataclass(frozen=True)
-class DecodingConfig:
-    """Default decoding of the served model; every key can be overridden per request."""
-
-    strategy: Literal["greedy", "sample", "beam"] = spec("greedy, sample or beam search")
-    max_new_tokens: int = spec("longest continuation", min=1)
-    temperature: float = spec("sampling temperature", min=1e-4, max=10.0)
-    top_k: int = spec("top-k sampling cut-off (0 = off)", min=0)
-    top_p: float = spec("nucleus sampling mass (1 = off)", min=0.01, max=1.0)
-    num_beams: int = spec("beam width (strategy beam)", min=1, max=64)
-    seed: int = spec("sampling seed", min=0)
 
 
 @dataclass(frozen=True)

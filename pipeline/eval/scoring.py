@@ -3,7 +3,8 @@
 ``test_scores`` cuts the test shard into windows and reports the LM scores and calibration;
 ``doc_bits`` gives each whole document's code length under the model (``scoring_windows``
 says which model calls score every token once with full context), and ``source_kl``
-compares those to the exact code lengths a source gives the same documents.
+compares those to the exact code lengths a source gives the same documents. The model runs
+on its own device (bf16 autocast on CUDA); losses are summed on the CPU in float32/64.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ from pipeline.text.tokenizer import encode_docs, target_bytes
 SourceDocs = tuple[list[str], list[float]]
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are: inputs go there, scores come back to the CPU."""
+    return next(model.parameters()).device
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA (as in training), nothing on CPU: CPU scores stay float32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 @torch.no_grad()
 def test_scores(model: GPT, tokens: np.ndarray, cfg: Config, token_bytes: torch.Tensor) -> dict:
     """Cross-entropy, perplexity, bits/byte, loss by position and calibration on the test shard.
@@ -43,12 +54,14 @@ def test_scores(model: GPT, tokens: np.ndarray, cfg: Config, token_bytes: torch.
     calib = CalibrationAccumulator(cfg.evaluate.calibration_bins)
     nll_rows = []
     n_bytes = torch.zeros((), dtype=torch.int64)
+    dev = model_device(model)
     for start in range(0, n, 16):
         idx = range(start, min(start + 16, n))
         window = np.stack([tokens[i * T : i * T + T + 1] for i in idx]).astype(np.int64)
         chunk = torch.from_numpy(window)  # (B, T+1)
         x, y = chunk[:, :-1], chunk[:, 1:]
-        logits, _ = model(x)  # (B, T, V)
+        with autocast(dev):
+            logits = model(x.to(dev))[0].cpu()  # (B, T, V) float32
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
         nll_rows.append(nll)  # (B, T)
         n_bytes += target_bytes(y, token_bytes)
@@ -98,6 +111,7 @@ def doc_bits(model: GPT, docs_ids: list[list[int]], eot: int, batch: int = 32) -
     T = model.config.block_size
     seqs = [[eot, *ids, eot] for ids in docs_ids]
     calls = [(d, w) for d, s in enumerate(seqs) for w in scoring_windows(len(s), T)]
+    dev = model_device(model)
     totals = [0.0] * len(seqs)  # nats per document, summed in a fixed order
     for start in range(0, len(calls), batch):
         group = calls[start : start + batch]
@@ -108,7 +122,8 @@ def doc_bits(model: GPT, docs_ids: list[list[int]], eot: int, batch: int = 32) -
             s = torch.tensor(seqs[d][s0 : s0 + n + 1])  # (n+1,) inputs and their next tokens
             x[row, :n] = s[:-1]
             y[row, first:n] = s[1 + first :]
-        logits, _ = model(x)  # (B, L, V)
+        with autocast(dev):
+            logits = model(x.to(dev))[0].cpu()  # (B, L, V) float32
         nll = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), y, ignore_index=-1, reduction="none"
         )  # (B, L), 0 where not scored

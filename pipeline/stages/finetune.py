@@ -27,8 +27,6 @@ import dataclasses
 import logging
 from typing import Any
 
-import torch
-
 from pipeline.config import Config, save_resolved
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from pipeline.core.names import (
@@ -47,7 +45,13 @@ from pipeline.eval.comparison import (
 )
 from pipeline.ops.stage_runner import stage_main
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.finetune import METHODS, load_data, load_pretrained, train_method
+from pipeline.train.finetune import (
+    METHODS,
+    finetune_device,
+    load_data,
+    load_pretrained,
+    train_method,
+)
 
 log = logging.getLogger(__name__)
 STAGE = "finetune"
@@ -58,7 +62,7 @@ def run(cfg: Config) -> dict[str, Any]:
     """Fine-tune with the configured method (and the others when comparing)."""
     from pipeline.ops.tracking import start_run
 
-    f, device = cfg.finetune, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    f, device = cfg.finetune, finetune_device(cfg)
     gcfg, weights = load_pretrained(cfg)
     data = load_data(cfg, gcfg, device)
     methods = list(METHODS) if f.compare else [f.method]

@@ -41,43 +41,50 @@ from pipeline.config import Config
 from pipeline.core.plots import loss_curve_png
 from pipeline.ops.stage_runner import stage_main
 from pipeline.train import distributed as dist_utils
-from pipeline.train.loop import STAGE, build, fit, report_path, write_outputs
+from pipeline.train.loop import STAGE, build, fit
+from pipeline.train.outputs import report_path, write_outputs
 
 
 def run(cfg: Config) -> dict[str, Any]:
     """Train; rank 0 writes outputs. Raises TrainingDiverged / TrainingInterrupted (loop.py)."""
-    from pipeline.ops.tracking import start_run
-
-    info = dist_utils.init(cfg.pretrain.device)
+    info = dist_utils.init(cfg.pretrain.device, cfg.pretrain.strategy)
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        trainer = build(cfg, info)
-        signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
-        with start_run(cfg, STAGE, rank=info.rank) as tracker:
-            tracker.log_params(
-                {
-                    "seed": cfg.seed,
-                    "model": dataclasses.asdict(cfg.model),
-                    "pretrain": dataclasses.asdict(cfg.pretrain),
-                    "world_size": info.world_size,
-                    "accum": trainer.accum,
-                    "params": trainer.raw.num_params(),
-                }
-            )
-            result = fit(trainer, tracker)
-            report = write_outputs(trainer, result)
-            if tracker.active:
-                tracker.log_artifact(report_path(cfg))
-                with tempfile.TemporaryDirectory() as tmp:
-                    png = loss_curve_png(trainer.history, Path(tmp) / "pretrain_loss.png")
-                    if png:
-                        tracker.log_artifact(png, "plots")
+        with dist_utils.deterministic_mode(cfg.pretrain.deterministic):
+            return _train(cfg, info)
     finally:
         signal.signal(signal.SIGTERM, previous)
         dist_utils.shutdown()
+
+
+def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
+    """Build, fit and write the outputs under a tracker (MLflow when installed, rank 0)."""
+    from pipeline.ops.tracking import start_run
+
+    trainer = build(cfg, info)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+    with start_run(cfg, STAGE, rank=info.rank) as tracker:
+        tracker.log_params(
+            {
+                "seed": cfg.seed,
+                "model": dataclasses.asdict(cfg.model),
+                "pretrain": dataclasses.asdict(cfg.pretrain),
+                "world_size": info.world_size,
+                "accum": trainer.accum,
+                "params": trainer.raw.num_params(),
+            }
+        )
+        result = fit(trainer, tracker)
+        report = write_outputs(trainer, result)
+        if tracker.active:
+            tracker.log_artifact(report_path(cfg))
+            with tempfile.TemporaryDirectory() as tmp:
+                png = loss_curve_png(trainer.history, Path(tmp) / "pretrain_loss.png")
+                if png:
+                    tracker.log_artifact(png, "plots")
     return report
 
 

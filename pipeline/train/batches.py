@@ -9,8 +9,9 @@ come from `np.random.default_rng([seed, step, index])`. So
   index m * world + r, so 1 process x 2 micro-steps and 2 processes x 1 micro-step see the
   same global batch (the DDP/FSDP equivalence tests rely on this).
 
-A background thread prepares the next batches while the model computes, and pins them on
-CUDA so the host-to-device copy can overlap. An error in that thread is handed to the
+A background thread prepares the next batches while the model computes, as one contiguous
+(B, T+1) window each, pinned on CUDA so the host-to-device copy can overlap; x and y are
+sliced from the window on the device. An error in that thread is handed to the
 training loop through the queue and raised there (chained to the original), so it can
 never leave the loop waiting forever on a queue nobody fills.
 """
@@ -60,16 +61,27 @@ def check_shard(tokens: np.ndarray, block: int, name: str | None = None) -> None
         )
 
 
-def sample_batch(
+def sample_window(
     tokens: np.ndarray, seed: int, step: int, index: int, batch: int, block: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) of shape (batch, block) int64, y shifted by one token; seeded by position."""
+) -> torch.Tensor:
+    """One contiguous (batch, block + 1) int64 tensor of token windows; seeded by position."""
     check_shard(tokens, block)
     rng = np.random.default_rng([seed, step, index])
     starts = rng.integers(0, len(tokens) - block - 1, size=batch)
     window = np.stack([tokens[s : s + block + 1] for s in starts]).astype(np.int64)  # (B, T+1)
-    chunk = torch.from_numpy(window)
-    return chunk[:, :-1], chunk[:, 1:]
+    return torch.from_numpy(window)
+
+
+def split_window(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y), each (B, T), views of a (B, T+1) window: y is x shifted by one token."""
+    return window[:, :-1], window[:, 1:]
+
+
+def sample_batch(
+    tokens: np.ndarray, seed: int, step: int, index: int, batch: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of shape (batch, block) int64, y shifted by one token; seeded by position."""
+    return split_window(sample_window(tokens, seed, step, index, batch, block))
 
 
 @dataclass(frozen=True)
@@ -100,8 +112,12 @@ class BatchStream:
         device: torch.device,
         prefetch: int = 4,
         name: str | None = None,
+        pin: bool | None = None,
     ) -> None:
         check_shard(tokens, block, name)
+        # Page-locked host buffers make the copy to a GPU asynchronous; None: on CUDA only
+        # (pinning needs a CUDA runtime, and a CPU run gains nothing from it).
+        self.pin = device.type == "cuda" if pin is None else pin
         self.tokens, self.seed, self.batch, self.block = tokens, seed, batch, block
         self.accum, self.rank, self.world, self.device = accum, rank, world, device
         self.prefetch, self.name = prefetch, _describe(tokens, name)
@@ -122,20 +138,25 @@ class BatchStream:
         return False
 
     def _produce(self, start: int, stop: int, out: queue.Queue, halt: threading.Event) -> None:
-        pin = self.device.type == "cuda"
+        """Queue one contiguous (B, T+1) window per micro-batch, pinned when `self.pin`.
+
+        x and y are sliced from the window after the copy to the device: slices of it are
+        not contiguous, and pinning each would copy it (twice the host traffic) into
+        buffers the copy to the device cannot overlap with.
+        """
         step = start
         try:
             for step in range(start, stop):
                 for index in self.indices(step):
-                    x, y = sample_batch(self.tokens, self.seed, step, index, self.batch, self.block)
-                    if pin:
-                        x, y = x.pin_memory(), y.pin_memory()
-                    if not self._put(out, (x, y), halt):
+                    w = sample_window(self.tokens, self.seed, step, index, self.batch, self.block)
+                    if self.pin:
+                        w = w.pin_memory()  # (B, T+1), one page-locked buffer
+                    if not self._put(out, w, halt):
                         return
         except BaseException as e:  # handed to the consumer, which raises it
             self._put(out, _Failed(step, e), halt)
 
-    def _get(self, out: queue.Queue, worker: threading.Thread) -> tuple[torch.Tensor, ...]:
+    def _get(self, out: queue.Queue, worker: threading.Thread) -> torch.Tensor:
         """The next item; raises the producer's error in this (the training) thread."""
         while True:
             try:
@@ -163,11 +184,8 @@ class BatchStream:
         worker.start()
         try:
             for _ in range(start, stop):
-                micro = [self._get(out, worker) for _ in range(self.accum)]
-                yield [
-                    (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-                    for x, y in micro
-                ]
+                micro = [self._get(out, worker) for _ in range(self.accum)]  # (B, T+1) each
+                yield [split_window(w.to(self.device, non_blocking=True)) for w in micro]
         finally:
             halt.set()
             worker.join(timeout=5)

@@ -12,12 +12,15 @@ Multi-node uses torchrun's own rendezvous, e.g. on each of 2 nodes:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 @dataclass(frozen=True)
@@ -47,15 +50,27 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init(requested_device: str) -> DistInfo:
-    """Join torchrun's process group if there is one (gloo on CPU, NCCL on CUDA)."""
+def init(requested_device: str, strategy: str = "auto") -> DistInfo:
+    """Join torchrun's process group if there is one (gloo on CPU, NCCL on CUDA).
+
+    DDP and FSDP2 need a process group even for one process (`torchrun --nproc_per_node=1`
+    with `pretrain.strategy=ddp`, a one-GPU check of the multi-GPU path): it is created
+    from torchrun's environment, or, without torchrun, as a one-member group on an
+    in-memory store.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local)
-    if world > 1 and not dist.is_initialized():
+    needs_group = world > 1 or strategy in ("ddp", "fsdp")
+    if needs_group and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:  # torchrun's rendezvous
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    exit_with_launcher()  # a torchrun worker must not outlive a SIGKILLed agent
     return DistInfo(rank, local, world, device)
 
 
@@ -76,20 +91,54 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
     return strategy
 
 
-def wrap(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
-    """Wrap for data parallelism: DDP replicates, FSDP2 shards each block and the root."""
+def fsdp_mixed_precision(device: torch.device, dtype: str) -> MixedPrecisionPolicy | None:
+    """FSDP2's policy: bf16 parameters for compute, fp32 gradient reduction (torchtitan's).
+
+    Only where bf16 is the compute dtype (CUDA, `pretrain.dtype` not float32): on CPU, or
+    in fp32, there is no policy and FSDP2 computes exactly what one process does.
+    """
+    if device.type != "cuda" or dtype == "float32":
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def wrap(
+    model: nn.Module,
+    strategy: str,
+    info: DistInfo,
+    *,
+    compile: bool = False,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    backend: str = "inductor",
+) -> tuple[nn.Module, nn.parallel.DistributedDataParallel | None]:
+    """Wrap for data parallelism and compile: (the module to call, the DDP wrapper or None).
+
+    - single: `torch.compile(model)` when `compile`;
+    - ddp: DDP replicates, then the DDP module is compiled as a whole (dynamo splits the
+      graph at bucket boundaries so all-reduce overlaps backward). The compiled module is
+      not a DDP instance, so the DDP wrapper is returned too: `no_sync()` lives there;
+    - fsdp: each block is compiled in place, then sharded with `mp_policy`, then the root
+      is sharded (torchtitan's order: compile per block before `fully_shard`, so FSDP2's
+      hooks stay outside the compiled graphs); the root itself is not compiled.
+
+    `backend` is torch.compile's (tests use "aot_eager": the same graphs, no C++ build).
+    """
     if strategy == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return (torch.compile(ddp, backend=backend) if compile else ddp), ddp
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(info.device.type, (info.world_size,))
+        mp = {"mp_policy": mp_policy} if mp_policy is not None else {}
         for block in model.blocks:  # shard block by block, so memory peaks per block
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    return model
+            if compile:
+                block.compile(backend=backend)  # in place: the module stays a Block for fully_shard
+            fully_shard(block, mesh=mesh, **mp)
+        fully_shard(model, mesh=mesh, **mp)
+        return model, None
+    return (torch.compile(model, backend=backend) if compile else model), None
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -108,3 +157,109 @@ def any_process(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """`pretrain.deterministic`: the same bits on every re-run on a GPU, at some speed cost.
+
+    - `torch.use_deterministic_algorithms(True)`: ops with only a nondeterministic CUDA
+      kernel raise instead of running, the others pick their deterministic kernel;
+    - `CUBLAS_WORKSPACE_CONFIG=:4096:8`, which cuBLAS needs for reproducible matmuls (set
+      before the first CUDA matmul: the stage enters this before building the model);
+    - cuDNN deterministic, no autotuning (`benchmark` off);
+    - scaled-dot-product attention on the math backend only: the flash and
+      memory-efficient backward passes accumulate with atomics in a varying order;
+    - inductor's own deterministic mode (no on-device autotuning that changes numerics),
+      where this torch has it; inductor already falls back to deterministic kernels for
+      scatter-adds when deterministic algorithms are on.
+
+    CPU training is deterministic already; there the mode changes no result. Everything is
+    restored on exit (tests run several stages in one process).
+    """
+    if not enabled:
+        yield
+        return
+    cuda = torch.backends.cuda
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        cuda.flash_sdp_enabled(),
+        cuda.mem_efficient_sdp_enabled(),
+        cuda.cudnn_sdp_enabled(),
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    cuda.enable_flash_sdp(False)
+    cuda.enable_mem_efficient_sdp(False)
+    cuda.enable_cudnn_sdp(False)
+    from torch._inductor import config as inductor
+
+    inductor_before = getattr(inductor, "deterministic", None)
+    if inductor_before is not None:
+        inductor.deterministic = True
+    try:
+        yield
+    finally:
+        if inductor_before is not None:
+            inductor.deterministic = inductor_before
+        algorithms, cudnn_det, cudnn_bench, flash, mem, cudnn_sdp, workspace = before
+        torch.use_deterministic_algorithms(algorithms)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_det, cudnn_bench
+        cuda.enable_flash_sdp(flash)
+        cuda.enable_mem_efficient_sdp(mem)
+        cuda.enable_cudnn_sdp(cudnn_sdp)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
+
+
+# --- Dying with the launcher (faults suite, row 1) ------------------------------------
+# torchrun starts each worker in a session of its own, so a SIGKILL to the launcher's
+# process group (`kill -9 -<pgid>`, a CI timeout) never reaches the workers, and a killed
+# agent cannot forward it: the orphans would train on, writing checkpoints beside the
+# re-run. `pipeline.ops.launch` puts its pid in LAUNCHER_PID_ENV for the workers.
+LAUNCHER_PID_ENV = "LMFORGE_LAUNCHER_PID"
+_watching: list[int] = []  # the parent pid watched, once per process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def exit_with_launcher(poll_s: float = 0.5) -> None:
+    """Under torchrun, SIGKILL this worker as soon as its parent (the agent) is gone.
+
+    A daemon thread polls the parent pid (no prctl: portable, and immune to PDEATHSIG's
+    firing when the forking *thread* exits). A launcher pid in the environment that is
+    dead already (killed while this worker imported torch) kills the worker at once; one
+    that is alive but not the parent belongs to an outer launcher and is ignored.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _watching:
+        return
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    if launcher.isdigit() and int(launcher) != parent and not _alive(int(launcher)):
+        os.kill(os.getpid(), signal.SIGKILL)
+    _watching.append(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGKILL)  # as if the group's SIGKILL had reached us
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()

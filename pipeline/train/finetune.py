@@ -13,8 +13,8 @@ Data (`finetune.data`): `task_data` trains on the answers of synthesize's fine-t
 match; `corpus_data` keeps training on the pretrain shards and scores validation loss.
 Batches are a function of the step, so every method sees the same batches in the same order.
 
-Fine-tuning runs as one process; the measures and the comparison report of the methods are
-in pipeline/eval/comparison.py.
+Fine-tuning runs as one process on `pretrain.device` (bf16 autocast on CUDA); the measures
+and the comparison report of the methods are in pipeline/eval/comparison.py.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from pipeline.text.task_data import (
 )
 from pipeline.text.tokenizer import load_tokenizer
 from pipeline.train.batches import sample_batch
+from pipeline.train.distributed import pick_device
 from pipeline.train.optim import configure_optimizer
 from pipeline.train.sam import SAM, sam_step
 
@@ -53,6 +54,7 @@ METHODS = ("adamw", "sam", "swa", "sam+swa")
 SEED_SCOPE = "finetune"
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (x, y), each (B, T) token ids
+CHECK_EVERY = 25  # steps between host-side checks that the loss is finite
 
 
 @dataclasses.dataclass
@@ -64,6 +66,16 @@ class Data:
     eval_batch: Batch  # a fixed batch for sharpness
     # step -> a pretraining-corpus batch, for `finetune.replay` (None: no replay)
     replay_batch: Callable[[int], Batch] | None = None
+
+
+def finetune_device(cfg: Config) -> torch.device:
+    """`pretrain.device` (auto: CUDA when available): fine-tuning runs where pretraining did."""
+    return pick_device(cfg.pretrain.device, 0)
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA, as in pretraining; float32 on CPU (results unchanged there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def load_pretrained(cfg: Config) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
@@ -96,10 +108,15 @@ def task_data(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Data:
     fixed = collate(test, list(range(min(len(test), f.micro_batch_size))), eot)
     return Data(
         batch,
-        lambda m: evaluate_task(m, test, eot, f.micro_batch_size, device),
+        lambda m: _autocast_call(device, evaluate_task, m, test, eot, f.micro_batch_size, device),
         (fixed[0].to(device), fixed[1].to(device)),
         replay_batches(cfg, gcfg, device) if f.replay > 0 else None,
     )
+
+
+def _autocast_call(device: torch.device, fn: Callable[..., dict], *args: object) -> dict:
+    with autocast(device):
+        return fn(*args)
 
 
 def replay_batches(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Callable[[int], Batch]:
@@ -133,7 +150,8 @@ def corpus_data(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Data:
     @torch.no_grad()
     def score(model: torch.nn.Module) -> dict[str, float]:
         model.eval()
-        losses = [model(x.to(device), y.to(device))[1].item() for x, y in fixed]
+        with autocast(device):
+            losses = [model(x.to(device), y.to(device))[1].item() for x, y in fixed]
         model.train()
         return {"answer_loss": sum(losses) / len(losses), "task_accuracy": float("nan")}
 
@@ -174,9 +192,10 @@ def _step(
     """One optimizer step (SAM's two passes, or one AdamW pass); the loss at w."""
 
     def loss_fn() -> torch.Tensor:
-        loss = model(*batch)[1]
-        if replay is not None:  # task loss + replay weight x language-model loss
-            loss = loss + f.replay * model(*replay)[1]
+        with autocast(batch[0].device):
+            loss = model(*batch)[1]
+            if replay is not None:  # task loss + replay weight x language-model loss
+                loss = loss + f.replay * model(*replay)[1]
         return loss
 
     if opt.sam is not None:
@@ -203,6 +222,7 @@ def train_method(
     opt = _optimizers(method, model, f, device)
     swa_begin = int(f.swa_start * f.max_steps)
     progress = Progress(f"finetune[{method}]", total=f.max_steps, unit=" steps")
+    pending: list[torch.Tensor] = []  # losses not yet checked, on the device
     for step in range(f.max_steps):
         in_swa = opt.averaged is not None and step >= swa_begin
         if not in_swa:  # linear warm-up, then constant; SWALR owns the rate while averaging
@@ -210,9 +230,10 @@ def train_method(
                 group["lr"] = f.lr * min(1.0, (step + 1) / max(f.warmup_steps, 1))
         batch = data.batch(step)
         replay = data.replay_batch(step) if data.replay_batch else None
-        loss = _step(model, opt, f, batch, replay)
-        if not math.isfinite(loss.item()):
-            raise LmforgeError(f"finetune[{method}]: loss is {loss.item()} at step {step}")
+        pending.append(_step(model, opt, f, batch, replay).detach())
+        if len(pending) == CHECK_EVERY or step == f.max_steps - 1:
+            check_finite(method, step + 1 - len(pending), pending)  # one host sync
+            pending = []
         if in_swa:
             opt.averaged.update_parameters(model)
             opt.swa_sched.step()
@@ -221,3 +242,15 @@ def train_method(
     if opt.averaged is not None:  # LayerNorm only: no BatchNorm statistics to recompute
         model.load_state_dict(opt.averaged.module.state_dict())
     return model
+
+
+def check_finite(method: str, first_step: int, losses: list[torch.Tensor]) -> None:
+    """Raise naming the first step whose loss is NaN/inf; `losses` are steps from first_step.
+
+    Checked every `CHECK_EVERY` steps rather than every step: reading a loss on the host
+    waits for the GPU, which then idles while the next step is queued.
+    """
+    values = torch.stack(losses).tolist()
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            raise LmforgeError(f"finetune[{method}]: loss is {value} at step {first_step + i}")

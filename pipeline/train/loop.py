@@ -1,14 +1,14 @@
 """The pretraining loop: build a run from the config, fit it, write its outputs.
 
-    trainer = build(cfg, dist_utils.init(cfg.pretrain.device))   # resumes when it may
+    trainer = build(cfg, dist_utils.init(p.device, p.strategy))   # resumes when it may
     result = fit(trainer, tracker)        # steps, eval, logging, checkpoints, SIGTERM, NaN
-    report = write_outputs(trainer, result)
+    report = write_outputs(trainer, result)   # pipeline.train.outputs
 
 Next-token cross-entropy, AdamW (`pipeline.train.optim`), linear warm-up then cosine decay
 (`lr_at`), gradient clipping, gradient accumulation to `pretrain.tokens_per_step`
 (`grad_accum_steps`; DDP syncs on the last micro-step only), bf16 autocast on CUDA, fp32 on
-CPU, optional torch.compile. Which checkpoint may be resumed is decided by
-`pipeline.train.resume` (the training digest).
+CPU, optional torch.compile (DDP compiled whole, FSDP2 per block: `distributed.wrap`).
+Which checkpoint may be resumed is decided by `pipeline.train.resume` (the training digest).
 
 The tracker is any object with `log_metrics` (`MetricsLogger`): the stage passes MLflow's,
 so this package needs no tracking code. Setting `Trainer.stop_requested` (the stage's
@@ -17,6 +17,7 @@ SIGTERM handler does) makes `fit` save a checkpoint and raise `TrainingInterrupt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -27,19 +28,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import Config
 from pipeline.core.errors import LmforgeError
-from pipeline.core.io import atomic_dir, atomic_write_json
 from pipeline.core.names import (
-    MODEL_CONFIG_FILE,
-    PLOTS_DIR,
-    PRETRAIN_LOSS,
-    RESOLVED_CONFIG,
     TOKENIZER_FILE,
-    WEIGHTS_FILE,
-    report_json,
 )
 from pipeline.core.progress import Progress
 from pipeline.core.seeding import derive_seed
@@ -49,9 +43,17 @@ from pipeline.text.tokenizer import load_tokenizer, target_bytes, token_byte_len
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import distributed as dist_utils
 from pipeline.train.batches import BatchStream, check_shard, eval_batches
-from pipeline.train.mfu import flops_per_token, mfu, peak_flops
+from pipeline.train.mfu import compute_dtype, mfu, peak_flops
 from pipeline.train.optim import configure_optimizer
-from pipeline.train.resume import data_digests, digest_inputs, resume_from, training_digest
+from pipeline.train.resume import (
+    all_ranks_rng,
+    data_digests,
+    digest_inputs,
+    dropout_seed,
+    restore_rank_rng,
+    resume_from,
+    training_digest,
+)
 
 log = logging.getLogger(__name__)
 # The stage this loop serves: every seed is derived under this name (changing it changes
@@ -102,7 +104,7 @@ class Trainer:
 
     cfg: Config
     info: dist_utils.DistInfo
-    model: torch.nn.Module  # wrapped (DDP/FSDP) or plain
+    model: torch.nn.Module  # what is called: wrapped (DDP/FSDP) or plain, maybe compiled
     raw: GPT  # the unwrapped module
     optimizer: torch.optim.Optimizer
     stream: BatchStream
@@ -115,24 +117,34 @@ class Trainer:
     start_step: int = 0
     stop_requested: bool = False
 
+    def compute_dtype(self) -> torch.dtype:
+        """bf16 (autocast) on CUDA unless `pretrain.dtype` is float32; float32 on CPU."""
+        return compute_dtype(self.info.device, self.cfg.pretrain.dtype)
+
     def autocast(self) -> torch.autocast:
-        use_bf16 = self.info.device.type == "cuda" and self.cfg.pretrain.dtype != "float32"
+        use_bf16 = self.compute_dtype() == torch.bfloat16
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+
+    def unwrapped(self) -> torch.nn.Module:
+        """The module under torch.compile (DDP, FSDP or plain): state dicts and no_sync."""
+        return getattr(self.model, "_orig_mod", self.model)
+
+    def ddp_module(self) -> DistributedDataParallel | None:
+        """The DDP wrapper, also when compiled: `torch.compile(ddp)` is not a DDP instance."""
+        inner = self.unwrapped()
+        return inner if isinstance(inner, DistributedDataParallel) else None
 
     def train_step(self, micro: list, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.cfg)
         total = torch.zeros((), device=self.info.device)
+        ddp = self.ddp_module()
         for i, (x, y) in enumerate(micro):
-            sync = i == len(micro) - 1
-            if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) and not sync:
-                with self.model.no_sync(), self.autocast():  # all-reduce once per step
-                    _, loss = self.model(x, y)
-                    (loss / self.accum).backward()
-            else:
-                with self.autocast():
-                    _, loss = self.model(x, y)
+            # DDP all-reduces on the last micro-step only; the others accumulate locally.
+            skip_sync = ddp is not None and i < len(micro) - 1
+            with ddp.no_sync() if skip_sync else contextlib.nullcontext(), self.autocast():
+                _, loss = self.model(x, y)  # (B, T) -> scalar mean loss
                 (loss / self.accum).backward()
             total += loss.detach() / self.accum
         clip = self.cfg.pretrain.grad_clip
@@ -191,14 +203,14 @@ class Trainer:
     def checkpoint(self, step: int) -> Path:
         state = ckpt.TrainState(
             step=step,
-            rng=ckpt.rng_state(),
+            rng=all_ranks_rng(),
             history=self.history,
             config_digest=self.digest,
             digest_inputs=self.digest_inputs,
         )
         return ckpt.save(
             self.cfg.path("checkpoints"),
-            self.model,
+            self.unwrapped(),
             self.optimizer,
             state,
             self.cfg.to_yaml(),
@@ -207,22 +219,37 @@ class Trainer:
         )
 
 
+def _model(
+    cfg: Config, info: dist_utils.DistInfo, vocab_size: int
+) -> tuple[GPT, torch.nn.Module, torch.nn.Module]:
+    """(the GPT, what to call: wrapped and maybe compiled, the module whose state is saved).
+
+    The init is seeded apart from the rank, so every rank starts from the same weights.
+    """
+    p = cfg.pretrain
+    torch.manual_seed(derive_seed(cfg.seed, STAGE, "init") % 2**63)
+    raw = GPT(GPTConfig.from_params(cfg.model, vocab_size)).to(info.device)
+    strategy = dist_utils.resolve_strategy(p.strategy, info.world_size)
+    use_compile = p.compile == "on" or (p.compile == "auto" and info.device.type == "cuda")
+    mp = dist_utils.fsdp_mixed_precision(info.device, p.dtype)
+    model, ddp = dist_utils.wrap(raw, strategy, info, compile=use_compile, mp_policy=mp)
+    return raw, model, ddp if ddp is not None else getattr(model, "_orig_mod", model)
+
+
 def build(cfg: Config, info: dist_utils.DistInfo) -> Trainer:
     """Model, optimizer, data and (when resuming) the restored state."""
     tok_dir = cfg.path("tokenizer")
     meta = read_meta(tok_dir)
     train_meta, val_meta = meta["splits"]["train"], meta["splits"]["val"]
-    train = read_shard(tok_dir / train_meta["file"], train_meta)
-    val = read_shard(tok_dir / val_meta["file"], val_meta)
+    # verify=True: the md5 of every shard byte against meta.json before step 0, so a shard
+    # damaged or edited after the tokenizer stage is refused, naming it (faults row 8).
+    train = read_shard(tok_dir / train_meta["file"], train_meta, verify=True)
+    val = read_shard(tok_dir / val_meta["file"], val_meta, verify=True)
     token_bytes = token_byte_lengths(load_tokenizer(tok_dir / TOKENIZER_FILE))  # (V,)
     check_text_bytes(tok_dir / val_meta["file"], val, token_bytes, val_meta["bytes"])
     check_shard(val, cfg.model.block_size, str(tok_dir / val_meta["file"]))  # fail before training
     inputs = digest_inputs(cfg, data_digests(tok_dir, meta), info.world_size, info.device.type)
-    gcfg = GPTConfig.from_params(cfg.model, meta["vocab_size"])
-    torch.manual_seed(derive_seed(cfg.seed, STAGE, "init") % 2**63)
-    raw = GPT(gcfg).to(info.device)
-    strategy = dist_utils.resolve_strategy(cfg.pretrain.strategy, info.world_size)
-    model = dist_utils.wrap(raw, strategy, info)
+    raw, model, state_module = _model(cfg, info, meta["vocab_size"])
     p = cfg.pretrain
     optimizer = configure_optimizer(
         model, p.weight_decay, p.lr, (p.beta1, p.beta2), info.device.type
@@ -253,17 +280,16 @@ def build(cfg: Config, info: dist_utils.DistInfo) -> Trainer:
         digest_inputs=inputs,
         digest=training_digest(inputs),
     )
-    torch.manual_seed(derive_seed(cfg.seed, STAGE, "dropout") % 2**63)
-    # Resuming restores the RNG too, so dropout masks continue where they were.
+    torch.manual_seed(dropout_seed(cfg.seed, STAGE, info.rank))  # masks differ by rank
+    # Resuming restores the RNG too (each rank's), so dropout masks continue where they were.
     state = (
-        resume_from(cfg.path("checkpoints"), trainer.digest, inputs, model, optimizer)
+        resume_from(cfg.path("checkpoints"), trainer.digest, inputs, state_module, optimizer)
         if p.resume
         else None
     )
     if state is not None:
+        restore_rank_rng(state.rng, info.rank)
         trainer.start_step, trainer.history = state.step, state.history
-    if p.compile == "on" or (p.compile == "auto" and info.device.type == "cuda"):
-        trainer.model = torch.compile(model)
     return trainer
 
 
@@ -272,7 +298,7 @@ def fit(t: Trainer, tracker: MetricsLogger) -> dict[str, Any]:
     cfg, p = t.cfg, t.cfg.pretrain
     tokens_per_step = p.tokens_per_step
     n_params = t.raw.num_params()
-    peak = peak_flops(t.info.device, torch.bfloat16)
+    peak = peak_flops(t.info.device, t.compute_dtype())  # one device's, in its dtype
     progress = Progress("pretrain", total=p.max_steps, unit=" steps", every=10.0)
     progress.done = t.start_step
     pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
@@ -292,9 +318,9 @@ def fit(t: Trainer, tracker: MetricsLogger) -> dict[str, Any]:
             continue
         elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
         tok_s = tokens_per_step * len(pending) / elapsed
-        rows = flush_steps(
-            pending, tok_s, mfu(tok_s, t.raw.config, n_params, peak) if peak else 0.0
-        )
+        world = t.info.world_size
+        mfu_now = mfu(tok_s, t.raw.config, n_params, peak, world_size=world) if peak else 0.0
+        rows = flush_steps(pending, tok_s, mfu_now)
         t.history.extend(rows)
         for row in rows:
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
@@ -365,40 +391,3 @@ def flush_steps(
             }
         )
     return rows
-
-
-def report_path(cfg: Config) -> Path:
-    """`reports/pretrain.json`, the stage's DVC metrics file."""
-    return cfg.path("reports") / report_json(STAGE)
-
-
-def write_outputs(t: Trainer, result: dict[str, Any]) -> dict[str, Any]:
-    """Final weights, model config, report and loss curve (rank 0; all ranks gather).
-
-    Returns the report ({} on other ranks). `result` (fit's) is not written: its wall time
-    and tokens/s differ between runs, and the report must be identical on a re-run.
-    """
-    cfg = t.cfg
-    sd = get_model_state_dict(t.model, options=ckpt.FULL)
-    if not t.info.is_main:
-        return {}
-    final_eval = {k: v for k, v in t.history[-1].items() if k.startswith("val_")}
-    tokens = cfg.pretrain.max_steps * cfg.pretrain.tokens_per_step
-    report = {
-        "steps": cfg.pretrain.max_steps,
-        "params": t.raw.num_params(),
-        "tokens_seen": tokens,
-        "flops": flops_per_token(t.raw.config, t.raw.num_params()) * tokens,  # 6N + attention
-        "device": t.info.device.type,
-        "world_size": t.info.world_size,
-        "train_loss": t.history[-1]["loss"],
-        **final_eval,
-    }
-    with atomic_dir(cfg.path("pretrain")) as out:
-        ckpt.save_weights(out / WEIGHTS_FILE, sd)
-        atomic_write_json(out / MODEL_CONFIG_FILE, dataclasses.asdict(t.raw.config))
-        (out / RESOLVED_CONFIG).write_text(cfg.to_yaml())
-    curve = [{"step": r["step"], "loss": r["loss"]} for r in t.history]
-    atomic_write_json(cfg.path("reports") / PLOTS_DIR / PRETRAIN_LOSS, curve)
-    atomic_write_json(report_path(cfg), report)
-    return report

@@ -1,7 +1,7 @@
 """Training FLOPs per token and model FLOPs utilisation (MFU) against a GPU's datasheet peak.
 
     flops/token = 6N + 12·L·H·Q·T        (PaLM appendix B, as in nanoGPT)
-    MFU         = tokens/s · flops/token / peak FLOP/s
+    MFU         = tokens/s per device · flops/token / peak FLOP/s of one device, in its dtype
 
 N is the parameter count without position embeddings (they cost no matmul). The peaks are
 dense tensor-core figures; `peak_flops` reads the device name and the float32 matmul precision
@@ -20,14 +20,16 @@ PEAK_FLOPS: dict[str, float] = {
     "h100-sxm-bf16": 989e12, "h100-sxm-tf32": 494.5e12, "h100-sxm-fp32": 66.9e12,
     "h100-pcie-bf16": 756e12, "h100-pcie-tf32": 378e12, "h100-pcie-fp32": 51.2e12,
     "h100-nvl-bf16": 835e12, "h100-nvl-tf32": 417.5e12, "h100-nvl-fp32": 60.0e12,
-    "h200-bf16": 989e12, "h200-tf32": 494.5e12, "h200-fp32": 66.9e12,
+    "h200-sxm-bf16": 989e12, "h200-sxm-tf32": 494.5e12, "h200-sxm-fp32": 66.9e12,
+    "h200-nvl-bf16": 835e12, "h200-nvl-tf32": 417.5e12, "h200-nvl-fp32": 60.0e12,
     "a100-bf16": 312e12, "a100-tf32": 156e12, "a100-fp32": 19.5e12,
     "l40s-bf16": 362e12, "l40s-tf32": 183e12, "l40s-fp32": 91.6e12,
 }  # fmt: skip
 
-# Substrings of torch.cuda.get_device_name(), checked in order (H200 and H100 PCIe/NVL first).
-_GPU_NAMES = (("H200", "h200"), ("H100 PCIe", "h100-pcie"), ("H100 NVL", "h100-nvl"),
-              ("H100", "h100-sxm"), ("A100", "a100"), ("L40S", "l40s"))  # fmt: skip
+# Substrings of torch.cuda.get_device_name(), checked in order (NVL/PCIe before the SXM name).
+_GPU_NAMES = (("H200 NVL", "h200-nvl"), ("H200", "h200-sxm"), ("H100 PCIe", "h100-pcie"),
+              ("H100 NVL", "h100-nvl"), ("H100", "h100-sxm"), ("A100", "a100"),
+              ("L40S", "l40s"))  # fmt: skip
 
 
 def flops_per_token(cfg: GPTConfig, n_params: int | None = None) -> float:
@@ -63,8 +65,22 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return peak_flops_for_name(torch.cuda.get_device_name(device), dtype, tf32=tf32)
 
 
-def mfu(tokens_per_s: float, cfg: GPTConfig, n_params: int | None, peak: float) -> float:
-    """Model FLOPs utilisation: achieved training FLOP/s over the hardware peak (0..1)."""
+def compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """The dtype matmuls run in for `pretrain.dtype`: bf16 autocast on CUDA unless float32."""
+    return torch.bfloat16 if device.type == "cuda" and dtype != "float32" else torch.float32
+
+
+def mfu(
+    tokens_per_s: float, cfg: GPTConfig, n_params: int | None, peak: float, *, world_size: int
+) -> float:
+    """Model FLOPs utilisation per device (0..1): achieved FLOP/s of one device over its peak.
+
+    `tokens_per_s` is the global rate of all `world_size` processes (one device each), and
+    `peak` is one device's peak for the dtype its matmuls run in (`peak_flops`), so the
+    rate is divided by `world_size`: 8 GPUs at 40% each report 0.40, not 3.2.
+    """
     if peak <= 0:
         raise ValueError(f"peak FLOP/s must be > 0, got {peak!r}")
-    return tokens_per_s * flops_per_token(cfg, n_params) / peak
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size!r}")
+    return tokens_per_s / world_size * flops_per_token(cfg, n_params) / peak

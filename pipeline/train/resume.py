@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pipeline.config import Config
 from pipeline.core.io import file_md5
 from pipeline.core.names import TOKENIZER_FILE
+from pipeline.core.seeding import derive_seed
 from pipeline.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -120,3 +122,38 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
         return "the checkpoint does not record its digest inputs"
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     return "differs in " + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+
+
+def dropout_seed(master: int, stage: str, rank: int) -> int:
+    """The torch seed of process `rank`'s dropout masks (weights and data are seeded apart).
+
+    Each rank draws its own masks: with one shared seed, every rank would drop the same
+    units of its own sequences, a correlation one process with the global batch never
+    has. Rank 0 keeps the seed one process uses, so single-process runs are unchanged.
+    """
+    labels = (stage, "dropout") if rank == 0 else (stage, "dropout", f"rank{rank}")
+    return derive_seed(master, *labels) % 2**63
+
+
+def all_ranks_rng() -> dict[str, str]:
+    """This process's RNG state (`ckpt.rng_state`), plus every other rank's as `rank<r>/<k>`.
+
+    A checkpoint is written by rank 0; the other ranks' dropout streams travel in it so a
+    resumed run continues each rank's masks where they were. Every rank must call this
+    (it gathers).
+    """
+    mine = ckpt.rng_state()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    states: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    others = {f"rank{r}/{k}": v for r, s in enumerate(states) if r > 0 for k, v in s.items()}
+    return {**mine, **others}
+
+
+def restore_rank_rng(rng: dict[str, str], rank: int) -> None:
+    """After `ckpt.load` (which restores rank 0's state): rank `rank` takes back its own."""
+    prefix = f"rank{rank}/"
+    own = {k[len(prefix) :]: v for k, v in rng.items() if k.startswith(prefix)}
+    if rank > 0 and own:
+        ckpt.set_rng_state(own)
