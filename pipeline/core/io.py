@@ -9,6 +9,7 @@ on one filesystem).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,9 +19,83 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.errors import LmforgeError
+
+# Why a write can fail for lack of room, by errno, and the same words as libraries that do
+# not raise OSError put them in their messages (safetensors' Rust I/O errors, for one).
+_NO_ROOM = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (over the file-size limit, e.g. ulimit -f)",
+}
+_NO_ROOM_TEXT = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "File too large": errno.EFBIG,
+}
+
+
+class OutputWriteError(LmforgeError):
+    """An output could not be written for lack of room (disk full, quota, file-size limit).
+
+    The message names the output and the cause; the previous output is left as it was
+    and the temporary file or folder is removed (exit code 1, like other bad environments).
+    """
+
+
+def no_room_cause(exc: BaseException) -> str | None:
+    """Why `exc` (or an exception it came from) is a lack of room; None if it is not.
+
+    Walks `__cause__`/`__context__`: torch.save reports a failed write as a RuntimeError
+    ("unexpected pos ...") raised while handling the file object's OSError(ENOSPC).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _NO_ROOM:
+            return _NO_ROOM[current.errno]
+        for text, code in _NO_ROOM_TEXT.items():
+            if text in str(current):
+                return _NO_ROOM[code]
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _failed_file(exc: BaseException) -> str | None:
+    """The file an OSError in `exc`'s chain names, if any."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            return None
+        if isinstance(current, OSError) and current.filename:
+            return str(current.filename)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def no_room_error(path: Path, exc: BaseException) -> OutputWriteError | None:
+    """An OutputWriteError naming `path` if `exc` is a lack of room, else None."""
+    if isinstance(exc, OutputWriteError):
+        return exc
+    cause = no_room_cause(exc)
+    if cause is None:
+        return None
+    failed = _failed_file(exc)
+    where = f" (writing {failed})" if failed and Path(failed) != Path(path) else ""
+    return OutputWriteError(
+        f"{path}: cannot write: {cause}{where}. Nothing was replaced: the previous "
+        "output is unchanged and the temporary files are removed; free space on that "
+        "filesystem (or raise the limit) and run the stage again"
+    )
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` via a temporary sibling and an atomic rename."""
+    """Write `data` to `path` via a temporary sibling and an atomic rename.
+
+    A full disk (or a file-size limit) raises OutputWriteError naming `path`; the
+    temporary file is removed and the old `path` is untouched either way.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,9 +105,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if (err := no_room_error(path, e)) is not None:
+            raise err from e
         raise
     return path
 
@@ -112,6 +189,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     renames (the window between them is tiny and never leaves a partial folder at `path`).
     What an earlier, killed writer left behind is cleared first (`remove_stale_temporaries`);
     the temporary's name carries this process's pid so that a live writer's is recognised.
+    A full disk (or file-size limit) while writing raises OutputWriteError naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +199,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     )
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (err := no_room_error(path, e)) is not None:
+            # One line naming the output, not a library's traceback, and the file by its
+            # final name (the temporary folder is gone).
+            raise OutputWriteError(str(err).replace(str(tmp), str(path))) from e
         raise
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)

@@ -47,6 +47,7 @@ METHODS_DIR = "methods"  # finetune only: methods/<method>/model.safetensors whe
 # paths.checkpoints/step_<n>: a resumable checkpoint (besides the weights and config).
 OPTIMIZER_FILE = "optimizer.pt"  # the optimizer state dict
 STATE_FILE = "state.json"  # step, RNG states, loss history and the training digest
+CHECKSUMS_FILE = "checksums.json"  # md5 of each file above, to refuse a damaged one
 
 # paths.reports: the reports DVC declares as metrics, and their plots.
 REGISTER_VERSION = "register_version.json"  # register: the registry's answer (no DVC output)

@@ -18,6 +18,7 @@ as they were, and the failing report and Data Docs go to `reports/validate.faile
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import Config, save_resolved
 from pipeline.core.errors import GateFailed
-from pipeline.core.io import atomic_dir, atomic_write_json
+from pipeline.core.io import atomic_dir, atomic_write_json, no_room_error
 from pipeline.core.names import failed_report, report_json, split_parquet
 from pipeline.core.progress import Progress
 from pipeline.core.seeding import derive_seed
@@ -47,16 +48,25 @@ STAGE = "validate"
 def scan_corpus(cfg: Config, out_dir: Path) -> CorpusScan:
     """Stream every source once, writing cleaned rows to `<out_dir>/<split>.parquet`."""
     scan = CorpusScan(cfg.validate, derive_seed(cfg.seed, STAGE, "gx-sample"))
-    writers = {s: pq.ParquetWriter(out_dir / split_parquet(s), SCHEMA) for s in SPLITS}
+    writers: dict[str, pq.ParquetWriter] = {}
     progress = Progress("validate: scanned", unit="B")
+    split = SPLITS[0]  # the parquet being written, to name it when the disk is full
     try:
+        for split in SPLITS:
+            writers[split] = pq.ParquetWriter(out_dir / split_parquet(split), SCHEMA)
         for table in iter_corpus(cfg):
             for split, rows in scan.add(table).items():
                 writers[split].write_table(rows.cast(SCHEMA))
             progress.update(pa.compute.sum(pa.compute.binary_length(table["text"])).as_py() or 0)
-    finally:
+        for split in SPLITS:
+            writers[split].close()  # flushes: a full disk may first show here
+    except BaseException as e:
         for w in writers.values():
-            w.close()
+            with contextlib.suppress(Exception):
+                w.close()
+        if (err := no_room_error(out_dir / split_parquet(split), e)) is not None:
+            raise err from e
+        raise
     progress.close()
     return scan
 

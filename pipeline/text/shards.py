@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import LmforgeError
-from pipeline.core.io import atomic_write_json, file_md5
+from pipeline.core.io import atomic_write_json, file_md5, no_room_error
 from pipeline.core.names import META_FILE
 
 MAGIC = b"LMFSHARD"
@@ -81,6 +81,7 @@ class ShardWriter:
     Tokens go to a temporary file in the same folder; `close()` writes the token count into
     the header, fsyncs and renames it to `path`. If the block raises (or `abort()` is
     called) the temporary file is deleted and an existing file at `path` is left untouched.
+    A full disk (or file-size limit) is raised as `OutputWriteError` naming `path`.
     """
 
     def __init__(self, path: Path | str, dtype: Any) -> None:
@@ -107,8 +108,10 @@ class ShardWriter:
     ) -> None:
         if exc_type is None:
             self.close()
-        else:
-            self.abort()
+            return
+        self.abort()
+        if exc is not None and (err := no_room_error(self.path, exc)) not in (None, exc):
+            raise err from exc
 
     def _as_tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """`ids` as a 1-D array of the shard dtype; out-of-range ids are a ShardError."""
@@ -156,8 +159,10 @@ class ShardWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             os.replace(self._tmp, self.path)
-        except BaseException:
+        except BaseException as e:
             self.abort()
+            if (err := no_room_error(self.path, e)) not in (None, e):
+                raise err from e
             raise
         _fsync_dir(self.path.parent)
         return self.path
@@ -165,7 +170,10 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop everything written; `path` keeps whatever it held before."""
         self._aborted = True
-        self._file.close()
+        # Closing flushes the buffer, which fails again on a full disk; the file is closed
+        # all the same, and the temporary must go whatever happened.
+        with contextlib.suppress(OSError):
+            self._file.close()
         with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
 
@@ -240,7 +248,11 @@ def read_shard(
             raise ShardError(f"{path}: verify=True needs the expected md5 (from meta.json)")
         got = file_md5(path)
         if got != want:
-            raise ShardError(f"{path}: content md5 {got} does not match meta.json ({want})")
+            raise ShardError(
+                f"{path}: content md5 {got} does not match meta.json ({want}): the shard was "
+                "changed or damaged after the tokenizer stage wrote it; restore it with "
+                "`dvc checkout` or rebuild it with `dvc repro --force tokenizer`"
+            )
     if count == 0:
         return np.empty(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count,))

@@ -11,7 +11,17 @@ A checkpoint is a folder `step_<N>/` holding
   states, the loss history so far, and the training digest with the inputs it was
   computed from (data digests, config, world size, device). Keys that this version does
   not know are ignored on reading (older versions wrote a `scheduler` entry);
-- `config.yaml`: the resolved config.
+- `config.yaml`: the resolved config;
+- `checksums.json`: the md5 of each of the four files above, written last. A checkpoint
+  whose files do not match it (bytes flipped, a truncated file) is refused before anything
+  in it is used, with a message naming the file, the checkpoint and how to go on: resume
+  refuses rather than silently falling back to an older checkpoint, so damaged storage
+  never goes unnoticed. (A checkpoint without the file, from before it existed, is read
+  with the checks of each format only.) The checksums find damage, they are no defence:
+  nothing is ever unpickled, whatever the files hold (safetensors, `weights_only=True`).
+
+A killed writer leaves a temporary folder `.step_<N>.<pid>.<random>.tmp`; it is never
+listed as a checkpoint, and `save` removes those whose writer is gone.
 
 A folder of checkpoints belongs to one trajectory at a time: `save` keeps the newest
 `keep` checkpoints of its own digest and deletes those of any other digest (they can
@@ -25,7 +35,9 @@ serves every strategy. Every rank takes part in gathering; only rank 0 writes.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import logging
 import re
 import shutil
 from dataclasses import dataclass, field, fields
@@ -41,11 +53,26 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pipeline.core.io import atomic_dir, atomic_write_json
-from pipeline.core.names import OPTIMIZER_FILE, RESOLVED_CONFIG, STATE_FILE, WEIGHTS_FILE
+from pipeline.core.io import atomic_dir, atomic_write_json, file_md5, remove_stale_temporaries
+from pipeline.core.names import (
+    CHECKSUMS_FILE,
+    OPTIMIZER_FILE,
+    RESOLVED_CONFIG,
+    STATE_FILE,
+    WEIGHTS_FILE,
+)
 from pipeline.model.load import CheckpointError, load_weights, save_weights
 
+log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
+_STEP_TEMP = re.compile(r"^\.(step_\d{7})\..*\.tmp$")  # atomic_dir's temporary of a step
+# What each file of a checkpoint is, for the message when it is damaged.
+_WHAT = {
+    STATE_FILE: "unreadable training state",
+    WEIGHTS_FILE: "not a readable safetensors file",
+    OPTIMIZER_FILE: "unreadable optimizer state",
+    RESOLVED_CONFIG: "unreadable resolved config",
+}
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -72,11 +99,54 @@ def rng_state() -> dict[str, str]:
 
 def set_rng_state(state: dict[str, str]) -> None:
     def tensor(s: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+        return torch.frombuffer(bytearray(base64.b64decode(s, validate=True)), dtype=torch.uint8)
 
     torch.set_rng_state(tensor(state["cpu"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+def refused(ckpt: Path, name: str, detail: str) -> CheckpointError:
+    """The error for a damaged file `name` of checkpoint `ckpt`: what, where, how to go on."""
+    return CheckpointError(
+        f"{ckpt / name}: {_WHAT.get(name, 'unreadable')} ({detail}); checkpoint {ckpt} "
+        f"is refused and nothing in it was used. Delete that folder to resume from the "
+        f"previous checkpoint, or set pretrain.resume=false to train from step 0"
+    )
+
+
+def write_checksums(folder: Path) -> None:
+    """`checksums.json`: the md5 of every file of a checkpoint folder, written last."""
+    names = (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE, RESOLVED_CONFIG)
+    atomic_write_json(folder / CHECKSUMS_FILE, {n: file_md5(folder / n) for n in names})
+
+
+def verify(ckpt: Path, *names: str) -> None:
+    """Check files `names` of `ckpt` against its checksums.json; CheckpointError if not.
+
+    A checkpoint written before checksums existed has no checksums.json: nothing to check.
+    """
+    path = ckpt / CHECKSUMS_FILE
+    if not path.exists():
+        return
+    try:
+        sums = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(sums, dict):
+            raise TypeError(f"expected a JSON object, got {type(sums).__name__}")
+    except (OSError, ValueError, TypeError) as e:
+        raise refused(ckpt, CHECKSUMS_FILE, str(e)) from None
+    for name in names:
+        want = sums.get(name)
+        if want is None:
+            raise refused(ckpt, CHECKSUMS_FILE, f"no checksum for {name}")
+        try:
+            got = file_md5(ckpt / name)
+        except OSError as e:
+            raise refused(ckpt, name, str(e)) from None
+        if got != want:
+            size = (ckpt / name).stat().st_size
+            detail = f"md5 {got} of its {size} bytes does not match {CHECKSUMS_FILE} ({want})"
+            raise refused(ckpt, name, detail)
 
 
 def save(
@@ -98,17 +168,36 @@ def save(
     optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL)
     target = folder / f"step_{state.step:07d}"
     if is_main:
+        remove_dead_temporaries(folder)
         with atomic_dir(target) as tmp:
             save_weights(tmp / WEIGHTS_FILE, model_sd)
-            torch.save(optim_sd, tmp / OPTIMIZER_FILE)
+            # Through a Python file, so a full disk surfaces as OSError(ENOSPC) (torch's own
+            # writer only says "unexpected pos") and becomes a clear OutputWriteError.
+            with open(tmp / OPTIMIZER_FILE, "wb") as f:
+                torch.save(optim_sd, f)
             atomic_write_json(tmp / STATE_FILE, state.__dict__)
             (tmp / RESOLVED_CONFIG).write_text(config_yaml)
+            write_checksums(tmp)
         mine, others = [], []
         for path in list_checkpoints(folder):
             (mine if _digest_of(path) == state.config_digest else others).append(path)
         for old in others + mine[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def remove_dead_temporaries(folder: Path) -> None:
+    """Remove the temporary folders of checkpoint writers that were killed (their pid is gone).
+
+    `atomic_dir` clears those of the step it writes; a killed writer's may be of another
+    step (a run resumed with other settings), and they must not pile up.
+    """
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if m := _STEP_TEMP.match(entry.name):
+            for removed in remove_stale_temporaries(folder / m.group(1)):
+                log.info("pretrain: removed %s, left by a killed checkpoint writer", removed)
 
 
 def _digest_of(ckpt: Path) -> str | None:
@@ -130,34 +219,46 @@ def read_state(ckpt: Path) -> TrainState:
     """The `state.json` of a checkpoint; keys TrainState does not have are ignored.
 
     Older versions wrote a `scheduler` entry that nothing read (the LR is a function of
-    the step), so their checkpoints still resume. A missing field is an error naming it.
+    the step), so their checkpoints still resume. A missing field is an error naming it,
+    and so is a file that does not match the checkpoint's checksums.json.
     """
-    path = ckpt / STATE_FILE
+    verify(ckpt, STATE_FILE)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
             raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
         known = {f.name for f in fields(TrainState)}
         return TrainState(**{k: v for k, v in raw.items() if k in known})
-    except (OSError, json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable training state ({e})") from None
+    except (OSError, ValueError, TypeError) as e:  # ValueError: bad JSON or UTF-8
+        raise refused(ckpt, STATE_FILE, str(e)) from None
 
 
 def load(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restore weights, optimizer and RNG from `ckpt` into (possibly wrapped) objects."""
+    """Restore weights, optimizer and RNG from `ckpt` into (possibly wrapped) objects.
+
+    Every file is checked against checksums.json before any is read; a damaged one raises
+    CheckpointError naming it and the checkpoint (see `refused`).
+    """
     state = read_state(ckpt)
-    model_sd = load_weights(ckpt / WEIGHTS_FILE)
+    verify(ckpt, WEIGHTS_FILE, OPTIMIZER_FILE)
+    try:
+        model_sd = load_weights(ckpt / WEIGHTS_FILE)  # safetensors: never unpickles
+    except CheckpointError as e:
+        raise refused(ckpt, WEIGHTS_FILE, str(e).removeprefix(f"{ckpt / WEIGHTS_FILE}: ")) from None
     optim_path = ckpt / OPTIMIZER_FILE
     try:
         optim_sd = torch.load(optim_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{optim_path}: optimizer state not found") from None
+        raise refused(ckpt, OPTIMIZER_FILE, "file not found") from None
     except Exception as e:  # corrupt zip, or a pickle that weights_only refuses
-        raise CheckpointError(f"{optim_path}: unreadable optimizer state ({e})") from None
+        raise refused(ckpt, OPTIMIZER_FILE, str(e).splitlines()[0]) from None
     try:
         set_model_state_dict(model, model_sd, options=FULL)
         set_optimizer_state_dict(model, optimizer, optim_sd, options=FULL)
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{ckpt}: does not match the model or optimizer ({e})") from None
-    set_rng_state(state.rng)
+    try:
+        set_rng_state(state.rng)
+    except (KeyError, TypeError, ValueError, binascii.Error, RuntimeError) as e:
+        raise refused(ckpt, STATE_FILE, f"bad RNG state: {e!r}") from None
     return state
