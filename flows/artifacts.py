@@ -7,6 +7,7 @@
 - `stage-failure`: on a failure, the failing stage's report.
 
 The markdown builders are pure functions of the reports on disk; `publish` sends them.
+`key_metrics` reads the figures the summary shows per stage (also the flow's return value).
 """
 
 from __future__ import annotations
@@ -16,7 +17,49 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.markdown import cell, escape_cell, fmt
-from pipeline.core.names import REGISTER_VERSION, failed_report, report_json, report_md
+from pipeline.core.names import REGISTER_VERSION, STAGES, failed_report, report_json, report_md
+from pipeline.core.nested import dig
+
+# The figures shown per stage in the run summary: (label, path into reports/<stage>.json).
+KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "validate": [
+        ("train docs", ("splits", "train", "docs")),
+        ("val docs", ("splits", "val", "docs")),
+        ("duplicate fraction", ("aggregates", "duplicate_fraction")),
+    ],
+    "synthesize": [
+        ("entropy bits/byte", ("source_entropy", "bits_per_byte")),
+        ("synthetic share", ("mix", "synthetic_share_bytes")),
+        ("fine-tune examples", ("finetune", "train_examples")),
+    ],
+    "tokenizer": [
+        ("vocab", ("vocab_size",)),
+        ("bytes/token (val)", ("bytes_per_token_val",)),
+    ],
+    "pretrain": [
+        ("train loss", ("train_loss",)),
+        ("val bits/byte", ("val_bpb",)),
+        ("tokens", ("tokens_seen",)),
+    ],
+    "finetune": [
+        ("method", ("method",)),
+    ],
+    "evaluate": [
+        ("test bits/byte", ("test", "bits_per_byte")),
+        ("KL bits/byte (story world)", ("source_kl", "storyworld", "kl_bits_per_byte")),
+        ("task accuracy", ("task_accuracy",)),
+    ],
+    "register": [
+        ("registered", ("registered",)),
+        ("version", ("version",)),
+        ("alias", ("alias",)),
+        ("why not", ("reason",)),
+    ],
+}
+
+# Reports beside reports/<stage>.json that the summary reads too (not DVC outputs).
+EXTRA_REPORTS = {"register": REGISTER_VERSION}
+
 
 MAX_CELL = 80
 
@@ -138,3 +181,47 @@ def publish(key: str, markdown: str | None, description: str) -> None:
     from prefect.artifacts import create_markdown_artifact
 
     create_markdown_artifact(markdown, key=key, description=description)
+
+
+def key_metrics(reports: Path, stage: str) -> dict[str, Any]:
+    """The summary figures of a stage, read from its DVC metrics file in `reports`."""
+    path = reports / report_json(stage)
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    extra = reports / EXTRA_REPORTS.get(stage, "-")
+    if extra.is_file():  # e.g. the registered version, which DVC does not track
+        report |= json.loads(extra.read_text())
+    figures = {label: dig(report, keys) for label, keys in KEY_METRICS.get(stage, [])}
+    # a figure is a leaf: a mapping at its path (a report of another shape) shows as absent
+    return {k: None if isinstance(v, dict) else v for k, v in figures.items()}
+
+
+def publish_markdown(push: bool, errors: list[str], saved: bool = True) -> str:
+    """The summary's last section: did the run's record reach DVC and the remote?"""
+    lines = ["", "## DVC experiment and remote", ""]
+    if not saved:
+        lines.append("Partial run (`until`): not saved as a DVC experiment, not pushed.")
+    elif not errors:
+        lines.append("Saved" + (" and pushed." if push else "; not pushed (`--no-push`)."))
+    for error in errors:
+        step, _, output = error.partition("\n")
+        lines += [f"**{step}**", "", "```", output, "```", ""]
+    return "\n".join(lines)
+
+
+def publish_run(
+    summary: str, reports: Path, stages: list[str] | tuple[str, ...], push: bool, errors: list[str]
+) -> None:
+    """Every artifact of a finished run; a report is shown only if its stage was in the run."""
+    publish(
+        "lm-pipeline-summary",
+        summary + publish_markdown(push, errors, saved=len(stages) == len(STAGES)),
+        "stage status, durations and key metrics",
+    )
+    if "validate" in stages:
+        publish("gx-validation", gx_markdown(reports), "Great Expectations")
+    if "evaluate" in stages:
+        publish("evaluation", evaluation_markdown(reports), "evaluation tables")
+    if "register" in stages:
+        publish("registered-model", registry_markdown(reports), "model registry")

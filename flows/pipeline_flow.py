@@ -1,34 +1,30 @@
 """The Prefect flow `lm-pipeline`: one task per stage, each run through DVC.
 
     lmforge run --preset ci                 # in-process, ephemeral Prefect API
-    python -m flows.pipeline_flow --preset ci
+    python -m flows.pipeline_flow --preset ci --until tokenizer --retry-delays 5,30
 
 Prefect orchestrates, DVC decides: every task calls `dvc repro <stage>`, so a stage whose
 deps and params are unchanged is skipped by DVC, and DVC records what ran in dvc.lock.
 When `dvc status` finds nothing stale, no stage process is started at all.
 
 A run, in order:
-1. takes the workspace lock (a second run on the same work tree fails with a clear message);
+1. takes the workspace lock (a second run on the same work tree fails at once, naming it);
 2. writes the preset and `--set` overrides into params.yaml (as `dvc exp run -S` does),
    after the strict loader has checked them;
 3. opens the MLflow parent run, tagged with the git commit, the DVC experiment name and the
    Prefect flow run id, and hands its id to the stage processes (their runs are children);
-4. runs the stages; only transient failures (exit code 75, e.g. an unreachable tracking
-   server) are retried; a gate or bad-input failure fails fast and shows its report; a
-   stage stopped by SIGTERM (143: pretrain saved a checkpoint) is reported as such;
+4. runs the stages (all, or up to `until`); only transient failures (exit code 75, e.g. an
+   unreachable tracking server) are retried, after `retry_delays`; a gate or bad-input
+   failure fails fast and shows its report; a stage stopped by SIGTERM (143: pretrain saved
+   a checkpoint) is reported as such. Cancelling the flow run stops the stage the same way;
 5. saves the workspace as a named DVC experiment (`dvc exp save`: params.yaml, dvc.lock and
-   the metrics files) and pushes the outputs to the DVC remote (unless `push=False`);
+   the metrics files) and pushes the outputs to the DVC remote (unless `push=False`, or
+   the run stopped at `until`);
 6. ends the MLflow parent run, FAILED if a stage, the save or the push failed;
-7. publishes Prefect artifacts: the summary, the GX result, the evaluation table and the
-   registered model; then a failed save or push, or a failed quality gate, fails the run
-   (so a nightly run whose outputs never reached the remote does not end Completed).
+7. publishes Prefect artifacts (summary, GX result, evaluation, registered model); then a
+   failed save or push, or a failed quality gate, fails the run.
 
-How the flow learns a stage's exit code: `dvc repro` exits 255 whatever the stage returned,
-and prints "failed to run: <cmd>, exited with <code>" (negative: killed by that signal).
-The pretrain stage runs under `pipeline.ops.launch`, which maps torchrun's generic 1 back to the
-worker's code and also writes it to `.lmforge/exit/pretrain.json`; that record is read
-first, because a SIGTERM to the whole process group kills DVC itself before it can print
-anything (`stage_exit_code`).
+`dvc repro` exits 255 whatever the stage returned: `stage_exit_code` finds the stage's own.
 """
 
 from __future__ import annotations
@@ -39,6 +35,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +47,7 @@ from flows.streaming import stream_command
 from pipeline.config import load_config
 from pipeline.config.params_file import apply_to_params
 from pipeline.core.errors import EXIT_TRANSIENT, is_transient
-from pipeline.core.names import PLOTS_DIR, REGISTER_VERSION, STAGES, report_json
-from pipeline.core.nested import dig
+from pipeline.core.names import PLOTS_DIR, STAGES, report_json
 from pipeline.ops.launch import describe_status, exit_record_path, read_exit_record, shell_status
 from pipeline.ops.tracking import (
     DVC_EXP_ENV,
@@ -62,49 +58,7 @@ from pipeline.ops.tracking import (
 )
 from pipeline.ops.workspace_lock import workspace_lock
 
-# The figures shown per stage in the run summary: (label, path into reports/<stage>.json).
-KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
-    "validate": [
-        ("train docs", ("splits", "train", "docs")),
-        ("val docs", ("splits", "val", "docs")),
-        ("duplicate fraction", ("aggregates", "duplicate_fraction")),
-    ],
-    "synthesize": [
-        ("entropy bits/byte", ("source_entropy", "bits_per_byte")),
-        ("synthetic share", ("mix", "synthetic_share_bytes")),
-        ("fine-tune examples", ("finetune", "train_examples")),
-    ],
-    "tokenizer": [
-        ("vocab", ("vocab_size",)),
-        ("bytes/token (val)", ("bytes_per_token_val",)),
-    ],
-    "pretrain": [
-        ("train loss", ("train_loss",)),
-        ("val bits/byte", ("val_bpb",)),
-        ("tokens", ("tokens_seen",)),
-    ],
-    "finetune": [
-        ("method", ("method",)),
-    ],
-    "evaluate": [
-        ("test bits/byte", ("test", "bits_per_byte")),
-        ("KL bits/byte (story world)", ("source_kl", "storyworld", "kl_bits_per_byte")),
-        ("task accuracy", ("task_accuracy",)),
-    ],
-    "register": [
-        ("registered", ("registered",)),
-        ("version", ("version",)),
-        ("alias", ("alias",)),
-        ("why not", ("reason",)),
-    ],
-}
-
-# Reports beside reports/<stage>.json that the summary reads too (not DVC outputs).
-EXTRA_REPORTS = {"register": REGISTER_VERSION}
-
-
-# Exit status of a process stopped by SIGTERM (128 + 15); pretrain saves a checkpoint first.
-EXIT_SIGTERM = 128 + 15
+EXIT_SIGTERM = 128 + 15  # stopped by SIGTERM (pretrain saves a checkpoint first)
 
 
 class StageFailed(RuntimeError):
@@ -138,6 +92,9 @@ class QualityGateFailed(RuntimeError):
     """The register stage's quality gate rejected the model (nothing was registered)."""
 
 
+GATE_FAILED_TOO = "\n(the quality gate failed too)"
+
+
 def stage_env(root: Path, parent_run_id: str | None, experiment: str | None) -> dict[str, str]:
     """Environment for DVC and the stage processes it starts."""
     env = dict(os.environ)
@@ -156,20 +113,6 @@ def dvc(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProc
     return subprocess.run(["dvc", *args], cwd=root, env=env, capture_output=True, text=True)
 
 
-def key_metrics(reports: Path, stage: str) -> dict[str, Any]:
-    """The summary figures of a stage, read from its DVC metrics file in `reports`."""
-    path = reports / report_json(stage)
-    if not path.is_file():
-        return {}
-    report = json.loads(path.read_text())
-    extra = reports / EXTRA_REPORTS.get(stage, "-")
-    if extra.is_file():  # e.g. the registered version, which DVC does not track
-        report |= json.loads(extra.read_text())
-    figures = {label: dig(report, keys) for label, keys in KEY_METRICS.get(stage, [])}
-    # a figure is a leaf: a mapping at its path (a report of another shape) shows as absent
-    return {k: None if isinstance(v, dict) else v for k, v in figures.items()}
-
-
 def anything_stale(root: Path, env: dict[str, str]) -> bool:
     """Whether `dvc status` reports anything to run (True when it cannot tell)."""
     status = dvc(root, env, "status", "--json")
@@ -184,6 +127,9 @@ def anything_stale(root: Path, env: dict[str, str]) -> bool:
 def stage_exit_code(dvc_code: int, lines: list[str], record: dict[str, Any] | None) -> int | None:
     """The stage command's exit status, from what one failed `dvc repro <stage>` left.
 
+    DVC prints "failed to run: <cmd>, exited with <code>"; pretrain runs under
+    `pipeline.ops.launch`, which writes the worker's code to `.lmforge/exit/pretrain.json`
+    (a SIGTERM to the process group kills DVC before it can print anything).
     In order of trust: the launcher's exit record (written by this attempt: the caller
     removes any older one first); DVC's "exited with N" line (N < 0: killed by signal -N);
     DVC's own death by a signal (a signal to the process group reaches DVC too). A signal
@@ -200,25 +146,37 @@ def stage_exit_code(dvc_code: int, lines: list[str], record: dict[str, Any] | No
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry a stage only after a transient failure (exit 75)."""
+    """Prefect retry condition: retry only after a transient failure (exit code 75).
+
+    A stage reports one through its exit code; an error in this process (the parent run)
+    is transient when `is_transient` says so or it carries exit code 75 (the tracking
+    edge's `TrackingUnavailable`). A gate, bad input, bad credentials or SIGTERM: no retry.
+    """
     try:
         state.result()
     except StageFailed as e:
         return e.transient
-    except Exception as e:  # any other error: retry only if transient
-        return is_transient(e)
+    except Exception as e:
+        return is_transient(e) or getattr(e, "exit_code", None) == EXIT_TRANSIENT
     return False
 
 
-@task(
-    name="dvc-repro",
-    task_run_name="{stage}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=_retry_transient,
-)
+RETRY_DELAYS_S = [5.0, 30.0]  # seconds before each retry of a transient failure (2 retries)
+RETRIES: dict[str, Any] = {
+    "retries": len(RETRY_DELAYS_S),
+    "retry_delay_seconds": RETRY_DELAYS_S,
+    "retry_condition_fn": _retry_transient,
+}
+
+
+@task(name="dvc-repro", task_run_name="{stage}", **RETRIES)
 def repro_stage(stage: str, root: str, reports: str, env: dict[str, str]) -> dict[str, Any]:
-    """Run `dvc repro <stage>`, streaming its output into the Prefect log."""
+    """Run `dvc repro <stage>`, streaming its output into the Prefect log.
+
+    DVC runs in its own process group; if this process is told to stop (a cancelled flow
+    run's SIGTERM, Ctrl-C), the group gets SIGTERM and is waited for, so pretrain saves a
+    checkpoint (`stream_command`).
+    """
     t0 = time.perf_counter()
     record = exit_record_path(root, stage)
     record.unlink(missing_ok=True)  # only this attempt's record may speak for it
@@ -231,11 +189,11 @@ def repro_stage(stage: str, root: str, reports: str, env: dict[str, str]) -> dic
         "stage": stage,
         "status": "ran" if ran else "skipped (unchanged)",
         "seconds": round(time.perf_counter() - t0, 1),
-        "metrics": key_metrics(Path(reports), stage),
+        "metrics": artifacts.key_metrics(Path(reports), stage),
     }
 
 
-@task(name="open-mlflow-parent-run", retries=2, retry_delay_seconds=[5, 30])
+@task(name="open-mlflow-parent-run", **RETRIES)
 def open_parent(root: str, tags: dict[str, str]) -> str | None:
     """The MLflow parent run (retried: the tracking server may be briefly unreachable)."""
     return open_parent_run(load_config(Path(root)), "lm-pipeline", tags)
@@ -262,7 +220,7 @@ def save_experiment(
     after recording the rest.
     """
     tracked = [p for p in reports.glob("*.json") if not p.name.endswith(".failed.json")]
-    tracked = [p for p in tracked if p.name not in EXTRA_REPORTS.values()]
+    tracked = [p for p in tracked if p.name not in artifacts.EXTRA_REPORTS.values()]
     tracked += [*reports.glob("*.md"), *(reports / PLOTS_DIR).glob("*.json")]
     include = [a for p in sorted(tracked) for a in ("-I", str(p.relative_to(root)))]
     saved = dvc(root, env, "exp", "save", "-f", "-n", name, *include, "-I", "dvc.lock")
@@ -283,33 +241,37 @@ def push_outputs(root: Path, env: dict[str, str]) -> str | None:
     return None
 
 
-def publish_markdown(push: bool, errors: list[str]) -> str:
-    """The summary's last section: did the run's record reach DVC and the remote?"""
-    lines = ["", "## DVC experiment and remote", ""]
-    if not errors:
-        lines.append("Saved" + (" and pushed." if push else "; not pushed (`--no-push`)."))
-    for error in errors:
-        step, _, output = error.partition("\n")
-        lines += [f"**{step}**", "", "```", output, "```", ""]
-    return "\n".join(lines)
+def stages_until(until: str | None) -> list[str]:
+    """The stages of a run: all, or the chain up to and including `until`."""
+    if until is None:
+        return list(STAGES)
+    if until not in STAGES:
+        raise ValueError(f"until={until!r}: expected one of {', '.join(STAGES)}")
+    return list(STAGES[: STAGES.index(until) + 1])
 
 
-def run_stages(root: Path, reports: Path, env: dict[str, str]) -> list[dict[str, Any]]:
-    """Every stage in chain order; when nothing is stale, no stage process starts."""
+def with_retries(task_: Any, delays: list[float] | None) -> Any:
+    """`task_` retried after a transient failure once per entry of `delays` (seconds)."""
+    if delays is None:
+        return task_
+    return task_.with_options(retries=len(delays), retry_delay_seconds=list(delays) or 0)
+
+
+SKIPPED = {"status": "skipped (unchanged)", "seconds": 0.0}
+
+
+def run_stages(
+    root: Path, reports: Path, env: dict[str, str], stages: list[str], delays: list[float] | None
+) -> list[dict[str, Any]]:
+    """`stages` in chain order; when nothing is stale, no stage process starts."""
     if not anything_stale(root, env):
-        return [
-            {
-                "stage": s,
-                "status": "skipped (unchanged)",
-                "seconds": 0.0,
-                "metrics": key_metrics(reports, s),
-            }
-            for s in STAGES
-        ]
+        metrics = artifacts.key_metrics
+        return [{"stage": s, **SKIPPED, "metrics": metrics(reports, s)} for s in stages]
+    repro = with_retries(repro_stage, delays)
     results = []
-    for stage in STAGES:
+    for stage in stages:
         try:
-            results.append(repro_stage(stage, str(root), str(reports), env))
+            results.append(repro(stage, str(root), str(reports), env))
         except StageFailed as e:
             artifacts.publish(
                 "stage-failure",
@@ -320,69 +282,107 @@ def run_stages(root: Path, reports: Path, env: dict[str, str]) -> list[dict[str,
     return results
 
 
+@dataclass
+class RunRecord:
+    """What a run did, for the parent run, the artifacts and the return value."""
+
+    results: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # of `dvc exp save` / `dvc push`
+    experiment: str | None = None
+    pushed: bool = False
+
+
+def prepare_run(root: Path, preset: str | None, overrides: list[str]) -> tuple[Any, str]:
+    """Write the preset and overrides into params.yaml; (checked config, experiment name)."""
+    if changed := apply_to_params(root, preset, overrides):
+        get_run_logger().info("params.yaml updated (%s): %s", preset or "--set", ", ".join(changed))
+    return load_config(root), experiment_name(preset)
+
+
+def record_run(root: Path, reports: Path, env: dict[str, str], push: bool, run: RunRecord) -> None:
+    """Save the workspace as the DVC experiment `env` names, then push (errors kept in `run`).
+
+    A partial run (`until`) is neither: `dvc exp save` needs every stage's outputs.
+    """
+    if len(run.results) < len(STAGES):
+        get_run_logger().info("partial run: not saved as a DVC experiment, not pushed")
+        return
+    run.experiment, error = save_experiment(root, reports, env, env[DVC_EXP_ENV])
+    run.errors += [error] if error else []
+    if push:
+        error = push_outputs(root, env)
+        run.errors += [error] if error else []
+        run.pushed = error is None
+
+
+def end_parent(cfg: Any, parent: str | None, success: bool, run: RunRecord) -> None:
+    """Close the MLflow parent run; when the run already failed, a close error only warns."""
+    seconds = {f"{r['stage']}_seconds": r["seconds"] for r in run.results}
+    try:
+        close_run(cfg, parent, success, seconds)
+    except Exception as e:
+        if success:  # else the run's own error (e.g. the stage's) must not be masked
+            raise
+        get_run_logger().warning("could not close MLflow parent run %s: %s", parent, e)
+
+
+def check_outcome(reports: Path, stages: list[str], run: RunRecord) -> None:
+    """Fail the run on a failed save or push, or on a failed quality gate."""
+    registered = {"gate": {"passed": True}}
+    if "register" in stages:
+        registered = json.loads((reports / report_json("register")).read_text())
+    passed = registered["gate"]["passed"]
+    if run.errors:
+        raise PublishFailed("\n\n".join(run.errors) + ("" if passed else GATE_FAILED_TOO))
+    if not passed:
+        raise QualityGateFailed(registered.get("reason", "quality gate failed"))
+
+
 @flow(name="lm-pipeline", log_prints=True)
 def lm_pipeline(
     preset: str | None = None,
     overrides: list[str] | None = None,
     root: str = ".",
     push: bool = True,
+    until: str | None = None,
+    retry_delays: list[float] | None = None,
 ) -> dict[str, Any]:
-    """Run every stage in chain order through DVC; return each stage's status and metrics."""
-    logger = get_run_logger()
+    """Run the stages in chain order through DVC; return each stage's status and metrics.
+
+    `until`: the last stage to run (default: all); `retry_delays`: seconds before each
+    retry of a transient failure (default RETRY_DELAYS_S).
+    """
+    stages = stages_until(until)
     root_path = Path(root).resolve()
-    with workspace_lock(root_path, owner=str(flow_run.get_id() or "")):
-        changed = apply_to_params(root_path, preset, overrides or [])
-        if changed:
-            logger.info("params.yaml updated (%s): %s", preset or "overrides", ", ".join(changed))
-        cfg = load_config(root_path)
+    flow_run_id = str(flow_run.get_id() or "")
+    run = RunRecord()
+    with workspace_lock(root_path, owner=flow_run_id):
+        cfg, name = prepare_run(root_path, preset, overrides or [])
         reports = cfg.path("reports")
-        name = experiment_name(preset)
         tags = {
-            "lmforge.prefect_flow_run_id": str(flow_run.get_id() or ""),
+            "lmforge.prefect_flow_run_id": flow_run_id,
             "lmforge.dvc_experiment": name,
             "preset": preset or "",
         }
-        parent = open_parent(str(root_path), tags)
+        parent = with_retries(open_parent, retry_delays)(str(root_path), tags)
         env = stage_env(root_path, parent, name)
-        results: list[dict[str, Any]] = []
-        errors: list[str] = []  # of `dvc exp save` / `dvc push`: they fail the run below
-        experiment, pushed = None, False
         try:
-            results = run_stages(root_path, reports, env)
-            experiment, error = save_experiment(root_path, reports, env, name)
-            errors += [error] if error else []
-            if push:
-                error = push_outputs(root_path, env)
-                errors += [error] if error else []
-                pushed = error is None
-        finally:
-            close_run(
-                cfg,
-                parent,
-                len(results) == len(STAGES) and not errors,
-                {f"{r['stage']}_seconds": r["seconds"] for r in results},
-            )
-    artifacts.publish(
-        "lm-pipeline-summary",
-        artifacts.summary_markdown(results, parent, experiment) + publish_markdown(push, errors),
-        "stage status, durations and key metrics",
-    )
-    artifacts.publish("gx-validation", artifacts.gx_markdown(reports), "Great Expectations")
-    artifacts.publish("evaluation", artifacts.evaluation_markdown(reports), "evaluation tables")
-    artifacts.publish("registered-model", artifacts.registry_markdown(reports), "model registry")
-    for r in results:
-        logger.info("%-11s %-20s %6.1fs  %s", r["stage"], r["status"], r["seconds"], r["metrics"])
-    registered = json.loads((reports / report_json("register")).read_text())
-    if errors:
-        gate = "" if registered["gate"]["passed"] else "\n(the quality gate failed too)"
-        raise PublishFailed("\n\n".join(errors) + gate)
-    if not registered["gate"]["passed"]:
-        raise QualityGateFailed(registered.get("reason", "quality gate failed"))
+            run.results = run_stages(root_path, reports, env, stages, retry_delays)
+            record_run(root_path, reports, env, push, run)
+        except BaseException:
+            end_parent(cfg, parent, False, run)
+            raise
+        end_parent(cfg, parent, len(run.results) == len(stages) and not run.errors, run)
+    summary = artifacts.summary_markdown(run.results, parent, run.experiment)
+    artifacts.publish_run(summary, reports, stages, push, run.errors)
+    for r in run.results:
+        get_run_logger().info("%-11s %-20s %6.1fs  %s", *r.values())
+    check_outcome(reports, stages, run)
     return {
-        "stages": results,
+        "stages": run.results,
         "mlflow_parent_run_id": parent,
-        "dvc_experiment": experiment,
-        "dvc_pushed": pushed,
+        "dvc_experiment": run.experiment,
+        "dvc_pushed": run.pushed,
     }
 
 
@@ -393,5 +393,7 @@ if __name__ == "__main__":
     parser.add_argument("--preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--no-push", dest="push", action="store_false")
+    parser.add_argument("--until", choices=STAGES, help="the last stage to run (default: all)")
+    parser.add_argument("--retry-delays", type=lambda s: [float(x) for x in s.split(",")])
     args = parser.parse_args()
-    lm_pipeline(preset=args.preset, overrides=args.overrides, push=args.push)
+    lm_pipeline(**vars(args))

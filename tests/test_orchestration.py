@@ -76,6 +76,28 @@ def test_workspace_lock_refuses_a_second_holder(tmp_path):
         pass
 
 
+def test_a_holder_that_has_not_written_its_record_yet_is_still_named(tmp_path):
+    """The loser of a simultaneous start may look between the winner's flock and its write."""
+    import fcntl
+    import os
+    import threading
+
+    from pipeline.ops.workspace_lock import LOCK_FILE
+
+    path = tmp_path / LOCK_FILE
+    path.parent.mkdir(parents=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held, record still empty
+        record = b'{"pid": 4242, "host": "h", "owner": "run-A", "started": 0}'
+        threading.Timer(0.3, os.pwrite, (fd, record, 0)).start()
+        busy = pytest.raises(WorkspaceBusy, match=r"pid 4242 on h \(flow run run-A")
+        with busy, workspace_lock(tmp_path, owner="run-B"):
+            pass
+    finally:
+        os.close(fd)
+
+
 def _expectation(name: str, success: bool, pct: float) -> dict:
     return {
         "suite": "rows",
@@ -239,3 +261,65 @@ def test_no_push_keeps_the_opt_out(tmp_path, monkeypatch):
     assert state.is_completed(), state
     assert state.result()["dvc_experiment"] and not state.result()["dvc_pushed"]
     assert _parent_run_status(root) == "FINISHED"
+
+
+def test_until_runs_a_prefix_of_the_chain():
+    from flows.pipeline_flow import stages_until
+    from pipeline.core.names import STAGES
+
+    assert stages_until(None) == list(STAGES)
+    assert stages_until("tokenizer") == ["validate", "synthesize", "tokenizer"]
+    with pytest.raises(ValueError, match="until='nope': expected one of validate, synthesize"):
+        stages_until("nope")
+
+
+# A child that, like pretrain, turns SIGTERM into "save and exit 143", in its own group.
+_TRAPS_SIGTERM = """
+import pathlib, signal, sys, time
+def stop(*_):
+    time.sleep(0.5)  # "saving a checkpoint": the parent must wait for this
+    pathlib.Path(sys.argv[1]).write_text("saved")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_stopped_flow_process_passes_sigterm_to_the_stage_group(tmp_path):
+    """A real SIGTERM to this process while it waits: the child's group gets it too, and
+    `run_group` returns control (re-raising) only after the child has saved and exited."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    from pipeline.ops.launch import run_group
+
+    class Stopped(BaseException):
+        pass
+
+    def stopped(*_):  # as Prefect's bridge raises TerminationSignal for a cancelled run
+        raise Stopped
+
+    saved = tmp_path / "saved"
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if line == "ready":  # the child's handler is installed: stop this process now
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        with pytest.raises(Stopped):
+            run_group(
+                [sys.executable, "-c", _TRAPS_SIGTERM, str(saved)],
+                tmp_path,
+                dict(os.environ),
+                on_line,
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert saved.read_text() == "saved"  # the child got SIGTERM and finished before we did
+    assert lines == ["ready"]

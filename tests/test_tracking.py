@@ -87,3 +87,94 @@ def test_metric_names_are_made_valid_for_mlflow(tracked):
         run_id = t.run_id
     client = mlflow.MlflowClient(tracking.tracking_uri(tracked))
     assert client.get_run(run_id).data.metrics == {"sam_swa.task_accuracy": 0.5}
+
+
+# --- An unreachable or refusing server: a clear error, never a silent local store ----------
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released): connections are refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def refusing_server():
+    """A real HTTP server on loopback answering every request with `status` (set by the test)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        status = 401
+
+        def _answer(self) -> None:
+            body = b"You are not authenticated. Please see the documentation."
+            self.send_response(self.status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:  # keep the test output clean
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server, Handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_unreachable_server_names_the_uri_and_the_variable(project, monkeypatch):
+    from pipeline.ops.stage_runner import stage_main
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = cfg_for(project, "tracking.enabled=true")
+    with pytest.raises(tracking.TrackingUnavailable) as down, tracking.start_run(cfg, "validate"):
+        pass
+    message = str(down.value)
+    assert uri in message and "from MLFLOW_TRACKING_URI" in message
+    assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
+
+    with pytest.raises(tracking.TrackingUnavailable, match=r"tracking\.uri in params\.yaml"):
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+        tracking.open_parent_run(
+            cfg_for(project, "tracking.enabled=true", f"tracking.uri={uri}"), "lm-pipeline", {}
+        )
+    assert not (project / "mlflow.db").exists()
+
+    def run(cfg):  # a stage whose tracking is down exits 75: the flow retries it
+        with tracking.start_run(
+            cfg_for(project, "tracking.enabled=true", f"tracking.uri={uri}"), "validate"
+        ):
+            return {}
+
+    monkeypatch.chdir(project)
+    assert stage_main("validate", run, []) == 75
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_credentials_name_the_variables_to_set(
+    project, monkeypatch, refusing_server, status
+):
+    server, handler = refusing_server
+    handler.status = status
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = cfg_for(project, "tracking.enabled=true")
+    with pytest.raises(tracking.TrackingAuthError) as refused, tracking.start_run(cfg, "validate"):
+        pass
+    message = str(refused.value)
+    assert uri in message and f"HTTP {status}" in message
+    assert "MLFLOW_TRACKING_USERNAME" in message and "MLFLOW_TRACKING_PASSWORD" in message
+    assert not (project / "mlflow.db").exists()

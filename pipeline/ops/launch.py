@@ -24,15 +24,26 @@ folder), because `dvc repro` exits 255 whatever the stage returned and DVC may b
 a SIGTERM sent to the whole process group kills DVC at once, while this process, which holds
 DVC's output pipe, finishes the shutdown. The flow reads the record (see
 `flows/pipeline_flow.stage_exit_code`).
+
+The parent's side of the chain is `run_group`: the flow starts `dvc repro` in its own
+process group, and when the flow process is told to stop (Prefect delivers a cancelled flow
+run as SIGTERM to that process alone; Ctrl-C is SIGINT), it sends SIGTERM to the group
+(DVC, this launcher), waits for the group's output to end (pretrain checkpoints, the record
+is written), and only then stops itself. Without it, DVC and the training would outlive the
+cancelled flow run, unsignalled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +108,8 @@ def launch(argv: list[str]) -> tuple[str, int, str]:
 
     args = parse_args(argv)
     stage = _stage_name(args)
+    # The workers watch this pid and die with it (pipeline.train.distributed.exit_with_launcher).
+    os.environ["LMFORGE_LAUNCHER_PID"] = str(os.getpid())
     try:
         record(run)(args)  # `record`: torchrun's error-file handling, as its own main has
     except ChildFailedError as e:
@@ -110,6 +123,67 @@ def launch(argv: list[str]) -> tuple[str, int, str]:
     else:
         code, reason = 0, "all ranks exited with 0"
     return stage, code, f"{stage}: {reason}: exit {code} ({describe_status(code)})"
+
+
+# How long a stopped group may take to finish before SIGKILL: the agent itself waits up to
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s) for its workers, pretrain checkpoints within a step.
+STOP_GRACE_S = 60.0
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the whole group has already exited
+        os.killpg(pgid, sig)
+
+
+def run_group(
+    argv: list[str],
+    cwd: Path | str,
+    env: dict[str, str],
+    on_line: Callable[[str], None],
+    grace_s: float = STOP_GRACE_S,
+) -> tuple[int, list[str]]:
+    """Run `argv` in its own process group, handing each output line to `on_line`.
+
+    Returns (exit status, output lines). If waiting is interrupted (any BaseException: the
+    TerminationSignal Prefect raises for a cancelled flow run, KeyboardInterrupt), the group
+    gets SIGTERM and its output is read to the end, which comes once every process holding
+    it has exited; SIGKILL after `grace_s`, or at once on a second interruption. Then the
+    interruption is re-raised.
+    """
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # one group to signal: DVC, its shell, this launcher
+    )
+    assert proc.stdout is not None  # stdout=PIPE
+    lines: list[str] = []
+
+    def read_to_end() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            on_line(line.rstrip())
+
+    try:
+        read_to_end()
+    except BaseException:
+        _signal_group(proc.pid, signal.SIGTERM)
+        deadline = threading.Timer(grace_s, _signal_group, (proc.pid, signal.SIGKILL))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            read_to_end()
+            proc.wait()
+        except BaseException:
+            _signal_group(proc.pid, signal.SIGKILL)
+            raise
+        finally:
+            deadline.cancel()
+        raise
+    return proc.wait(), lines
 
 
 def main(argv: list[str] | None = None) -> int:

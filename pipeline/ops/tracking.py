@@ -8,6 +8,11 @@ with the git commit and the DVC stage.
 
 Tracking switches off cleanly, leaving a no-op `Tracker`, when `tracking.enabled: false`,
 when mlflow is not installed (the GPU benchmark machine), or on a non-zero rank.
+
+A tracking server that cannot be reached, or that refuses the credentials, is an error that
+names the URI and the variable to set (`TrackingUnavailable`, exit code 75: retried by the
+flow; `TrackingAuthError`, 401/403). Nothing ever falls back to a local store: a team's runs
+logged to a stray mlflow.db would look lost.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.core.errors import EXIT_TRANSIENT, LmforgeError, is_transient
 from pipeline.core.io import file_md5
 from pipeline.core.nested import flatten
 
@@ -48,6 +54,57 @@ def tracking_uri(cfg: Config) -> str:
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         uri = prefix + str(cfg.root / uri[len(prefix) :])
     return uri
+
+
+class TrackingUnavailable(LmforgeError):
+    """The tracking server could not be reached (transient: the flow retries the stage)."""
+
+    exit_code = EXIT_TRANSIENT
+
+
+class TrackingAuthError(LmforgeError):
+    """The tracking server refused the credentials (401) or the permission (403)."""
+
+
+def uri_source() -> str:
+    """Where the tracking URI came from, as a user would change it."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "MLFLOW_TRACKING_URI"
+    return "tracking.uri in params.yaml (MLFLOW_TRACKING_URI overrides it)"
+
+
+def server_error(exc: BaseException, uri: str) -> LmforgeError | None:
+    """The clear error for an MLflow failure against `uri`, or None if it is another error."""
+    if type(exc).__module__.split(".")[0] not in ("mlflow", "requests", "urllib3"):
+        return None  # the stage's own error, whatever its message says
+    status = getattr(exc, "get_http_status_code", lambda: None)()
+    if status in (401, 403):
+        what = "refused the credentials" if status == 401 else "denied permission"
+        return TrackingAuthError(
+            f"the MLflow tracking server at {uri} (from {uri_source()}) {what} (HTTP {status}):"
+            " set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account with"
+            f" access to this experiment. Server said: {getattr(exc, 'message', exc)}"
+        )
+    if is_transient(exc):
+        return TrackingUnavailable(
+            f"cannot reach the MLflow tracking server at {uri} (from {uri_source()}): {exc}."
+            " This is a transient failure (exit 75: the flow retries the stage). Start the"
+            " server, or set MLFLOW_TRACKING_URI to one that is up (nothing was logged"
+            " elsewhere instead; tracking.enabled=false turns tracking off)."
+        )
+    return None
+
+
+@contextlib.contextmanager
+def server_errors(uri: str) -> Iterator[None]:
+    """Turn an unreachable server or refused credentials inside the block into clear errors."""
+    try:
+        yield
+    except Exception as e:
+        clear = server_error(e, uri)
+        if clear is None:
+            raise
+        raise clear from e
 
 
 def git_commit(root: Path) -> tuple[str, bool]:
@@ -170,15 +227,47 @@ def start_run(cfg: Config, stage: str, rank: int = 0) -> Iterator[Tracker]:
         return
     for name in ("alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
-    parent = os.environ.get(PARENT_RUN_ENV)
-    if parent:
-        experiment_id = client.get_run(parent).info.experiment_id
-    else:
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    uri = tracking_uri(cfg)
+    with server_errors(uri):
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        parent = os.environ.get(PARENT_RUN_ENV)
         experiment_id = (
-            exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+            client.get_run(parent).info.experiment_id if parent else _experiment_id(client, cfg)
         )
+        run = client.create_run(experiment_id, run_name=stage, tags=_stage_tags(cfg, stage))
+    tracker = Tracker(client, run.info.run_id)
+    status = "FAILED"
+    try:
+        with server_errors(uri):
+            yield tracker
+        status = "FINISHED"
+    finally:
+        _end_run(tracker, uri, status)
+
+
+def _end_run(tracker: Tracker, uri: str, status: str) -> None:
+    """Flush and close a stage's run; after a failed stage, a close error only warns."""
+    try:
+        with server_errors(uri):
+            try:
+                tracker.flush()
+            finally:
+                tracker.client.set_terminated(tracker.run_id, status)
+    except LmforgeError as e:
+        if status == "FINISHED":
+            raise
+        # the stage's own error is the one to report (e.g. SIGTERM: exit 143, not 75)
+        log.warning("could not mark MLflow run %s %s: %s", tracker.run_id, status, e)
+
+
+def _experiment_id(client: Any, cfg: Config) -> str:
+    """The id of experiment `tracking.experiment`, created if missing."""
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+
+
+def _stage_tags(cfg: Config, stage: str) -> dict[str, str]:
+    """Lineage tags of a stage's run (git, DVC, Prefect; the parent run when there is one)."""
     sha, dirty = git_commit(cfg.root)
     tags = {
         "lmforge.stage": stage,
@@ -189,19 +278,10 @@ def start_run(cfg: Config, stage: str, rank: int = 0) -> Iterator[Tracker]:
         "lmforge.prefect_flow_run_id": os.environ.get(FLOW_RUN_ENV, ""),
         "mlflow.source.git.commit": sha,
     }
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run = client.create_run(experiment_id, run_name=stage, tags=tags)
-    tracker = Tracker(client, run.info.run_id)
-    status = "FAILED"
-    try:
-        yield tracker
-        status = "FINISHED"
-    finally:
-        try:
-            tracker.flush()
-        finally:
-            client.set_terminated(run.info.run_id, status)
+    if os.environ.get(PARENT_RUN_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
+    # strings only: a server's REST store rejects a bool tag (SQLite accepts it)
+    return {k: str(v) for k, v in tags.items()}
 
 
 def open_parent_run(cfg: Config, name: str, tags: Mapping[str, Any]) -> str | None:
@@ -212,15 +292,17 @@ def open_parent_run(cfg: Config, name: str, tags: Mapping[str, Any]) -> str | No
     mlflow = mlflow_or_none() if cfg.tracking.enabled else None
     if mlflow is None:
         return None
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    uri = tracking_uri(cfg)
     sha, dirty = git_commit(cfg.root)
     all_tags = {"lmforge.git_commit": sha, "lmforge.git_dirty": dirty, **tags}
-    run = client.create_run(
-        experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()}
-    )
-    Tracker(client, run.info.run_id).log_params({"seed": cfg.seed, **cfg.to_dict()})
+    with server_errors(uri):
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        run = client.create_run(
+            _experiment_id(client, cfg),
+            run_name=name,
+            tags={k: str(v) for k, v in all_tags.items()},
+        )
+        Tracker(client, run.info.run_id).log_params({"seed": cfg.seed, **cfg.to_dict()})
     return run.info.run_id
 
 
@@ -230,8 +312,10 @@ def close_run(cfg: Config, run_id: str | None, success: bool, metrics: Mapping[s
         return
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
-    tracker = Tracker(client, run_id)
-    tracker.log_metrics(metrics)
-    tracker.flush()
-    client.set_terminated(run_id, "FINISHED" if success else "FAILED")
+    uri = tracking_uri(cfg)
+    with server_errors(uri):
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        tracker = Tracker(client, run_id)
+        tracker.log_metrics(metrics)
+        tracker.flush()
+        client.set_terminated(run_id, "FINISHED" if success else "FAILED")

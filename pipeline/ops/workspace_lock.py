@@ -26,10 +26,30 @@ class WorkspaceBusy(LmforgeError):
     """Another pipeline run holds this workspace."""
 
 
-def _holder(path: Path) -> str:
+# How long to wait for the holder's record: a run that has just taken the lock writes it next.
+HOLDER_WAIT_S = 2.0
+
+
+def _read_holder(path: Path) -> dict | None:
+    """The holder's record, waiting briefly while it is still empty; None if unreadable."""
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    while True:
+        try:
+            text = path.read_text()
+        except OSError:
+            return None
+        if text or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     try:
-        info = json.loads(path.read_text() or "{}")
-    except (OSError, json.JSONDecodeError):
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _holder(path: Path) -> str:
+    info = _read_holder(path)
+    if not info:
         return "another process"
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.get("started", 0)))
     return (
@@ -53,8 +73,10 @@ def workspace_lock(root: Path, owner: str = "") -> Iterator[Path]:
                 "Wait for it to finish, or run in a separate clone of the repository."
             ) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "owner": owner}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({**info, "started": time.time()}).encode(), 0)
+        record = json.dumps({**info, "started": time.time()}).encode()
+        # write, then cut to length: a reader sees the old empty file or the whole record
+        os.pwrite(fd, record, 0)
+        os.ftruncate(fd, len(record))
         try:
             yield path
         finally:
