@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
 import json
 import os
 import signal
@@ -15,15 +16,17 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
 import torch
 
 from pipeline.model.gpt import GPT, GPTConfig, padded_vocab
+from pipeline.serve.publish import log_model
 from pipeline.serve.textgen import DEFAULTS_FILE, GenerationParams
 from pipeline.text.tokenizer import EOT, train_bpe
 from pipeline.train import checkpoint as ckpt
@@ -111,18 +114,22 @@ def serve_model(model_uri: str, tracking_uri: str, log_path: Path) -> tuple[subp
 
 
 def post(
-    port: int, body: Any, content_type: str = "application/json", raw: bytes | None = None
+    port: int, body: Any, content_type: str | None = "application/json", raw: bytes | None = None
 ) -> tuple[int, Any]:
-    """POST to /invocations; (HTTP status, the answer parsed as JSON or else as text)."""
+    """POST to /invocations; (HTTP status, the answer parsed as JSON or else as text).
+
+    `raw` is sent as the body instead of `body` as JSON; `content_type=None` sends no
+    Content-Type header at all (http.client adds none of its own).
+    """
     data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations", data=data, headers={"Content-Type": content_type}
-    )
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            status, text = resp.status, resp.read().decode()
-    except urllib.error.HTTPError as e:
-        status, text = e.code, e.read().decode()
+        conn.request("POST", "/invocations", body=data, headers=headers)
+        resp = conn.getresponse()
+        status, text = resp.status, resp.read().decode("utf-8", errors="replace")
+    finally:
+        conn.close()
     try:
         return status, json.loads(text)
     except json.JSONDecodeError:
@@ -162,3 +169,22 @@ def tiny_package(dest: Path, defaults: dict[str, Any] | None = None) -> Path:
     gp = dataclasses.asdict(GenerationParams.from_mapping(values))
     (dest / DEFAULTS_FILE).write_text(json.dumps(gp))
     return dest
+
+
+@contextlib.contextmanager
+def served_tiny_model(root: Path) -> Iterator[tuple[subprocess.Popen, int, Path]]:
+    """(server process, port, model package) of `tiny_package` logged and served under `root`.
+
+    The model is logged by the register stage's own `log_model` into a SQLite store, then
+    served by a real `mlflow models serve`, stopped (by its process group) on exit.
+    """
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    package = tiny_package(root / "package")
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("serving", str(root / "artifacts")))
+    model_uri = log_model(uri, run.info.run_id, package)
+    server, port = serve_model(model_uri, uri, root / "serve.log")
+    try:
+        yield server, port, package
+    finally:
+        stop(server)

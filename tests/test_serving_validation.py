@@ -16,12 +16,13 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from serving_helpers import TINY_TEXTS, post, predictions, serve_model, stop, tiny_package
+from serving_helpers import TINY_TEXTS, post, predictions, served_tiny_model, tiny_package
 
 from pipeline.core.errors import LmforgeError
 from pipeline.model.load import load_weights, save_weights
+from pipeline.serve.package import LIBRARY_DIR, SERVING_PACKAGES
+from pipeline.serve.publish import log_model
 from pipeline.serve.textgen import DEFAULTS_FILE, MAX_PROMPTS, GenerationParams, TextGenerator
-from pipeline.stages import register
 from pipeline.text.shards import write_meta
 from pipeline.text.tokenizer import EOT, train_bpe
 
@@ -29,17 +30,8 @@ from pipeline.text.tokenizer import EOT, train_bpe
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> tuple[int, Path]:
     """(port, model package) of a model served once for the module."""
-    root = tmp_path_factory.mktemp("serve")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    package = tiny_package(root / "package")
-    client = mlflow.MlflowClient(uri)
-    run = client.create_run(client.create_experiment("serving", str(root / "artifacts")))
-    model_uri = register.log_model(uri, run.info.run_id, package)
-    server, port = serve_model(model_uri, uri, root / "serve.log")
-    try:
+    with served_tiny_model(tmp_path_factory.mktemp("serve")) as (_, port, package):
         yield port, package
-    finally:
-        stop(server)
 
 
 PROMPT = ["tom went to the park."]
@@ -114,7 +106,7 @@ def logged(root: Path, package: Path) -> tuple[str, str]:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     run = client.create_run(client.create_experiment("code", str(root / "artifacts")))
-    return uri, register.log_model(uri, run.info.run_id, package)
+    return uri, log_model(uri, run.info.run_id, package)
 
 
 def test_logged_model_ships_only_the_serving_packages_and_serves_from_them(tmp_path):
@@ -122,14 +114,10 @@ def test_logged_model_ships_only_the_serving_packages_and_serves_from_them(tmp_p
     uri, model_uri = logged(tmp_path, package)
     local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl")))
     shipped = local / "code" / "pipeline"
-    assert sorted(p.name for p in shipped.iterdir()) == sorted(
-        ["__init__.py", *register.SERVING_PACKAGES]
-    )
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(["__init__.py", *SERVING_PACKAGES])
     assert not list(shipped.rglob("__pycache__")) and not list(shipped.rglob("*.pyc"))
-    for pkg in register.SERVING_PACKAGES:  # each package whole: every module of the checkout
-        ours = {
-            p.relative_to(register.LIBRARY_DIR) for p in (register.LIBRARY_DIR / pkg).rglob("*.py")
-        }
+    for pkg in SERVING_PACKAGES:  # each package whole: every module of the checkout
+        ours = {p.relative_to(LIBRARY_DIR) for p in (LIBRARY_DIR / pkg).rglob("*.py")}
         assert {p.relative_to(shipped) for p in (shipped / pkg).rglob("*.py")} == ours
 
     params = {"max_new_tokens": 5}
@@ -145,8 +133,8 @@ def test_logged_model_ships_only_the_serving_packages_and_serves_from_them(tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["file"].endswith("/code/pipeline/__init__.py")
-    assert not answer["file"].startswith(str(register.LIBRARY_DIR))
-    assert set(answer["used"]) <= set(register.SERVING_PACKAGES), answer["used"]
+    assert not answer["file"].startswith(str(LIBRARY_DIR))
+    assert set(answer["used"]) <= set(SERVING_PACKAGES), answer["used"]
     defaults = GenerationParams.from_mapping(json.loads((package / DEFAULTS_FILE).read_text()))
     direct = TextGenerator.from_folder(package, defaults=defaults)
     assert answer["out"] == direct.complete(["tom went to the park."], params)

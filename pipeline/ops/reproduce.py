@@ -6,7 +6,10 @@
 2. Check out the experiment's commit (params.yaml, dvc.lock and metrics as the run left
    them; the plain commit when the experiment is unknown) in a separate git worktree, so
    the current work tree is never touched.
-3. `dvc pull` the data from the DVC remote into the worktree.
+3. Pull the data from the DVC remote into the worktree: `dvc fetch`, every object checked
+   against its md5 (`pull_verified`), then `dvc checkout`. A missing or corrupted object
+   fails the reproduction, naming it, its output and its remote path; the worktree is
+   then removed, so nothing half-populated is left.
 4. `dvc repro --force`: every stage runs again, logging to the worktree's own MLflow store.
 5. Print the metrics of the two runs side by side and compare the DVC hashes of every
    output. On CPU both must be identical; the command exits 1 when they are not.
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -130,6 +134,130 @@ def lock_hashes(lock_text: str) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class BadObject:
+    """A DVC object of the run that the worktree cannot have intact."""
+
+    output: str  # the output (or the file inside a directory output) it holds
+    md5: str
+    problem: str  # "missing from the remote" | "corrupted: ..." | why it could not be checked
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def object_path(store: Path, md5: str) -> Path:
+    """Where DVC 3 keeps object `md5` in a cache or a local remote (files/md5/ab/cdef...)."""
+    return store / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def _check(cache: Path, output: str, md5: str) -> BadObject | None:
+    """Object `md5` in `cache`: None when present and its content's md5 is its name."""
+    path = object_path(cache, md5)
+    if not path.is_file():
+        return BadObject(output, md5, "missing from the remote (never pushed, or deleted)")
+    actual = file_md5(path)
+    if actual != md5.removesuffix(".dir"):
+        return BadObject(output, md5, f"corrupted: the fetched copy has md5 {actual}")
+    return None
+
+
+def _listing(md5: str, stores: list[Path]) -> list[dict[str, str]] | None:
+    """The entries ({"relpath", "md5"}) of directory object `md5` from the first store that
+    holds it intact. `dvc fetch` does not keep a listing whose files failed to download, so
+    the run's own cache and a local remote folder are looked at too."""
+    for store in stores:
+        path = object_path(store, md5)
+        if path.is_file() and file_md5(path) == md5.removesuffix(".dir"):
+            return json.loads(path.read_text())
+    return None
+
+
+def check_fetched(cache: Path, outputs: dict[str, str], stores: list[Path]) -> list[BadObject]:
+    """Every object of `outputs` (path -> md5 from dvc.lock) checked in the fetched `cache`."""
+    bad: list[BadObject] = []
+    for output, md5 in sorted(outputs.items()):
+        problem = _check(cache, output, md5)
+        if not md5.endswith(".dir"):
+            bad += [problem] if problem else []
+            continue
+        entries = _listing(md5, [cache, *stores])
+        if entries is None:  # the listing itself is lost: report it, its files are unknown
+            bad.append(problem or BadObject(output, md5, "directory listing unreadable"))
+            continue
+        members = [_check(cache, f"{output}/{e['relpath']}", e["md5"]) for e in entries]
+        members = [m for m in members if m]
+        bad += members or ([problem] if problem else [])  # a lost listing, its files all here
+    return bad
+
+
+def cached_outputs(work: Path) -> dict[str, str]:
+    """Output path -> md5 of the worktree's dvc.lock, for outputs kept in DVC's cache.
+
+    An output with `cache: false` (a stage's reports/<stage>.json) is committed to git, so
+    the worktree has it already; every other output comes from the remote.
+    """
+    tracked = set(_run(["git", "ls-files"], work).splitlines())
+    outs = lock_hashes((work / "dvc.lock").read_text())
+    return {p: md5 for p, md5 in outs.items() if md5 and p not in tracked}
+
+
+def _dvc_stores(root: Path, work: Path, env: dict[str, str]) -> tuple[Path, str, list[Path]]:
+    """(the worktree's cache, the default remote's location, local folders holding objects).
+
+    The location is a resolved path for a local remote folder (DVC reads a relative URL
+    from .dvc/), else the URL as configured; "" when there is no default remote.
+    """
+    cache = Path(_run(["dvc", "cache", "dir"], work, env).strip())
+    named = subprocess.run(
+        ["dvc", "remote", "default"], cwd=work, env=env, capture_output=True, text=True
+    )
+    listed = _run(["dvc", "remote", "list"], work, env).split("\n")
+    urls = {parts[0]: parts[1] for line in listed if len(parts := line.split()) >= 2}
+    url = urls.get(named.stdout.strip(), "") if named.returncode == 0 else ""
+    stores = [root / ".dvc" / "cache"]  # the run's own cache, when it is still there
+    if url and "://" not in url:
+        url = str((work / ".dvc" / Path(url).expanduser()).resolve())
+        stores.append(Path(url))
+    return cache, url, stores
+
+
+def pull_verified(root: Path, work: Path, env: dict[str, str]) -> None:
+    """`dvc fetch`, every object of dvc.lock checked against its md5, then `dvc checkout`.
+
+    DVC 3.67 does not check what it downloads unless the remote sets `verify = true`: a
+    corrupted object is checked out as if it were good. A missing one fails `dvc pull` with
+    only its md5. So the worktree's outputs are written only once every object is present
+    and intact; otherwise ReproduceError names each object: the output it belongs to, its
+    md5 and where it lives in the remote.
+    """
+    fetch = subprocess.run(["dvc", "fetch"], cwd=work, env=env, capture_output=True, text=True)
+    cache, url, stores = _dvc_stores(root, work, env)
+    bad = check_fetched(cache, cached_outputs(work), stores)
+    if bad:
+        lines = [
+            f"  {b.output} (md5 {b.md5}, remote object {url}/files/md5/{b.md5[:2]}/{b.md5[2:]})"
+            f": {b.problem}"
+            for b in bad
+        ]
+        if fetch.returncode != 0:  # DVC's own words too: e.g. a network error, not a loss
+            tail = (fetch.stdout + fetch.stderr).strip()[-1500:]
+            lines.append(f"`dvc fetch` said (exit {fetch.returncode}):\n{tail}")
+        raise ReproduceError(
+            f"the DVC remote {url or '(no default remote)'} cannot give every output of this "
+            f"run intact; {len(bad)} object(s):\n" + "\n".join(lines)
+        )
+    if fetch.returncode != 0:  # every object is here, but DVC still failed: say what it said
+        tail = (fetch.stdout + fetch.stderr).strip()[-3000:]
+        raise ReproduceError(f"`dvc fetch` failed in {work} (exit {fetch.returncode}):\n{tail}")
+    _run(["dvc", "checkout"], work, env)
+
+
 def metrics_at(root: Path, rev: str | None, files: list[str]) -> dict[str, Any]:
     """Flattened metrics files at git `rev` (None: the work tree at `root`)."""
     out: dict[str, Any] = {}
@@ -204,11 +332,20 @@ def reproduce(
     rev = experiment_commit(root, experiment) or commit
     if subprocess.run(["git", "cat-file", "-e", f"{rev}^{{commit}}"], cwd=root).returncode:
         raise ReproduceError(f"commit {rev} of run {run_id} is not in this repository")
-    work = Path(workdir or tempfile.mkdtemp(prefix="lmforge-reproduce-")) / "repo"
+    parent = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="lmforge-reproduce-"))
+    work = parent / "repo"
     add_worktree(root, rev, work)
+    env = dvc_env()
     try:
-        env = dvc_env()
-        _run(["dvc", "pull", "--allow-missing"], work, env)
+        pull_verified(root, work, env)
+    except ReproduceError as e:  # nothing half-populated stays behind: no worktree at all
+        _run(["git", "worktree", "remove", "--force", str(work)], root)
+        if not workdir:
+            parent.rmdir()
+        raise ReproduceError(
+            f"{e}\nNothing was checked out; the worktree {work} is removed."
+        ) from None
+    try:
         _run(["dvc", "repro", "--force"], work, env)
         comparison = compare(root, rev, work, metric_files(cfg, root))
     finally:
