@@ -10,12 +10,15 @@ lmforge reproduce <mlflow-run-id>              # re-run a past run in a worktree
 lmforge sweep --preset ci                      # the scaling-law sweep
 lmforge deploy                                 # prefect.yaml's deployments on PREFECT_API_URL
 lmforge serve --cron "0 2 * * *"               # serve the flow on a schedule, one machine
+lmforge stack up | status | down               # the team stack as local processes
+lmforge --stack run --preset ci                # any command with .lmforge/stack.env loaded
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -347,6 +350,83 @@ def reproduce_run(
     if not cleanup:
         typer.echo(f"worktree: {work}   (git worktree remove --force {work})")
     if not comparison.identical:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- team stack
+# `lmforge --stack ...` and `lmforge stack up | status | down` (pipeline/ops/stack/).
+
+stack_app = typer.Typer(
+    help="The team stack as local processes on 127.0.0.1 (docker/README.md).",
+    no_args_is_help=True,
+)
+app.add_typer(stack_app, name="stack")
+
+
+@app.callback()
+def main(
+    stack: Annotated[
+        bool,
+        typer.Option("--stack", help="load .lmforge/stack.env (the team stack's URLs and keys)"),
+    ] = False,
+) -> None:
+    """lmforge: train GPT-style language models end to end.
+
+    `--stack` loads .lmforge/stack.env (`lmforge stack up` wrote it, or a teammate sent it)
+    and makes the S3 remote `stack` this checkout's DVC default (.dvc/config.local).
+    """
+    if not stack:
+        return
+    from pipeline.ops.stack import StackError, load_client_env, use_dvc_remote
+
+    try:
+        root = find_root()
+        os.environ.update(load_client_env(root))
+        use_dvc_remote(root, echo=lambda _: None)
+    except (StackError, ConfigError) as e:
+        _fail(str(e), 2)
+
+
+@stack_app.command("up")
+def stack_up(
+    port_base: Annotated[
+        int | None,
+        typer.Option(help="first of 7 loopback ports (default 15400, or the last up's)"),
+    ] = None,
+) -> None:
+    """Start PostgreSQL, SeaweedFS, MLflow (basic auth), Prefect and a worker; write stack.env."""
+    from pipeline.ops.stack import StackError, up
+
+    try:
+        up(find_root(), port_base, echo=typer.echo)
+    except (StackError, ConfigError) as e:
+        _fail(str(e), 1)
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop, by pid, every process `lmforge stack up` started; the data stays."""
+    from pipeline.ops.stack import StackError, down
+
+    try:
+        down(find_root(), echo=typer.echo)
+    except (StackError, ConfigError) as e:
+        _fail(str(e), 1)
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Each service's URL, pid and health; exit 1 when any is down or unhealthy."""
+    from pipeline.ops.stack import StackError, status
+
+    try:
+        report = status(find_root())
+    except (StackError, ConfigError) as e:
+        _fail(str(e), 1)
+    for h in report:
+        state = "healthy" if h.healthy else ("UNHEALTHY" if h.pid else "not running")
+        typer.echo(f"{h.name:10s} {state:12s} pid {h.pid or '-':<8} {h.url}")
+    if not all(h.healthy for h in report):
         raise typer.Exit(1)
 
 
