@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +71,36 @@ def prefect_api() -> Iterator[str]:
 FAULTS_DIR = Path(__file__).parent / "faults"
 
 
+def _restore_tracking_uri(before: str | None) -> None:
+    if os.environ.get("MLFLOW_TRACKING_URI") == before:
+        return
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None:
+        utils._tracking_uri = None  # back to "read it from the environment"
+
+
+# MLflow's `set_tracking_uri` also sets `MLFLOW_TRACKING_URI` in `os.environ` (so that
+# subprocesses inherit it), and every later test's subprocesses would log to that store: a
+# test of "tracking is down" would find it up. These two undo it after each test and after
+# each module (module fixtures, e.g. a served model, set it outside any one test).
+@pytest.fixture(autouse=True, scope="module")
+def _no_tracking_uri_leak_from_a_module() -> Iterator[None]:
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    _restore_tracking_uri(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leak() -> Iterator[None]:
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    _restore_tracking_uri(before)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test under tests/faults/ is marked `faults`, so none can forget the mark."""
     for item in items:
@@ -84,3 +116,11 @@ def procs() -> Iterator[Procs]:
         yield registry
     finally:
         registry.stop_all()
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """The team stack (tests/stack/stack_fixture.py): `lmforge stack up` once per module."""
+    from stack_fixture import running_stack  # tests/stack is on sys.path for its own tests
+
+    yield from running_stack()

@@ -38,8 +38,10 @@ from pipeline.train import checkpoint as ckpt
 pytestmark = pytest.mark.slow  # runs the pipeline through DVC
 
 SEED = int(os.environ.get("LMFORGE_FAULT_SEED", "1201"))
-MAX_STEPS = 40
-# ~20 steps/s on 2 cores: a run of a few seconds, killed part-way. Evaluating every step
+MAX_STEPS = 200
+# 20 to 90 steps/s on 2 cores: a run of 2 to 10 s, killed in its first quarter, so that the
+# kill lands mid-run even when the test reads the step line late on a loaded machine and
+# the worker takes its watchdog's 0.5 s to notice the dead launcher. Evaluating every step
 # gives one log line per step to wait on (evaluation never touches the trajectory:
 # pipeline/train/resume.py NOT_TRAJECTORY), checkpoints every 5 steps.
 PARAMS = [
@@ -155,7 +157,7 @@ def test_sigkill_of_the_process_group_at_a_random_step_resumes_bit_identical(
     project, reference, procs
 ):
     rng = random.Random(SEED)
-    kill_after = rng.randrange(6, MAX_STEPS - 3)  # past the first checkpoint, before the end
+    kill_after = rng.randrange(6, MAX_STEPS // 4)  # past the first checkpoint, early in the run
     print(f"fault seed {SEED}: SIGKILL after step {kill_after}")
     before = md5_files(project, *BEFORE)
     proc, out = start(procs, project)
@@ -168,7 +170,9 @@ def test_sigkill_of_the_process_group_at_a_random_step_resumes_bit_identical(
     folder = cfg_for(project).path("checkpoints")
     last = ckpt.list_checkpoints(folder)[-1]
     step = ckpt.read_state(last).step
-    assert 5 <= step <= kill_after + 5 and step % 5 == 0, (last, kill_after)
+    # Killed mid-run: a checkpoint at or after the step seen, and the run did not finish
+    # (how far past the step seen it got depends on the machine's speed and load).
+    assert kill_after - 5 < step < MAX_STEPS and step % 5 == 0, (last, kill_after)
     check_resumed_and_identical(project, before, reference, step)
 
 
