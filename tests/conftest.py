@@ -43,6 +43,16 @@ SMALL_DATA = [
 ]
 
 
+# The smallest GPT the pretrain tests train (22k params, a few ms a step on 2 cores).
+TINY_GPT = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "pretrain.micro_batch_size=2",
+]
+
+
 def prepared_project(base: Path, overrides: list[str], stages: list) -> Path:
     """A project under `base` with SMALL_DATA + `overrides`, after running `stages` in order."""
     root = make_project(base / "proj", overrides=[*SMALL_DATA, *overrides])

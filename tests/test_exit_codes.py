@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL_DATA, cfg_for, prepared_project
+from conftest import REPO, SMALL_DATA, TINY_GPT, cfg_for, prepared_project
 
 from flows.pipeline_flow import EXIT_SIGTERM, StageFailed, _retry_transient, stage_exit_code
 from pipeline.core.errors import EXIT_TRANSIENT
@@ -121,11 +121,7 @@ def test_flow_reads_the_stage_code_through_dvc_repro(tmp_path, case):
 
 # A pretrain that runs long enough to be interrupted, small enough for 2 cores.
 PRETRAIN = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "pretrain.micro_batch_size=2",
+    *TINY_GPT,
     "pretrain.tokens_per_step=64",
     "pretrain.eval_batches=1",
     "pretrain.eval_interval=100000",

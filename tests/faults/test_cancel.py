@@ -25,6 +25,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import TINY_GPT
 from fault_helpers import (
     BIN,
     cmdline,
@@ -46,11 +47,7 @@ pytestmark = pytest.mark.slow
 
 # A pretrain that cannot finish before it is cancelled, and checkpoints every few steps.
 PRETRAIN = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "pretrain.micro_batch_size=2",
+    *TINY_GPT,
     "pretrain.tokens_per_step=64",
     "pretrain.eval_batches=1",
     "pretrain.eval_interval=1000000",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cfg_for, prepared_project
+from conftest import REPO, TINY_GPT, cfg_for, prepared_project
 from fault_helpers import flip_bytes, leftover_temporaries, md5_files, truncate
 
 from pipeline.core.io import file_md5
@@ -33,11 +33,7 @@ from pipeline.text.shards import HEADER_SIZE
 from pipeline.train import checkpoint as ckpt
 
 PARAMS = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "pretrain.micro_batch_size=2",
+    *TINY_GPT,
     "pretrain.tokens_per_step=64",
     "pretrain.max_steps=8",
     "pretrain.warmup_steps=2",

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cfg_for, prepared_project
+from conftest import REPO, TINY_GPT, cfg_for, prepared_project
 from fault_helpers import (
     can_mount,
     file_size_limit,
@@ -35,11 +35,7 @@ from fault_helpers import (
 from pipeline.stages import pretrain, synthesize, tokenizer, validate
 
 PARAMS = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "pretrain.micro_batch_size=2",
+    *TINY_GPT,
     "pretrain.tokens_per_step=64",
     "pretrain.max_steps=4",
     "pretrain.warmup_steps=2",

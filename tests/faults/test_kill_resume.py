@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, cfg_for, prepared_project
+from conftest import REPO, TINY_GPT, cfg_for, prepared_project
 from fault_helpers import (
     BIN,
     LineWatcher,
@@ -45,12 +45,8 @@ MAX_STEPS = 200
 # gives one log line per step to wait on (evaluation never touches the trajectory:
 # pipeline/train/resume.py NOT_TRAJECTORY), checkpoints every 5 steps.
 PARAMS = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
+    *TINY_GPT,
     "model.dropout=0.1",  # resume must restore the RNG too
-    "pretrain.micro_batch_size=2",
     "pretrain.tokens_per_step=128",  # 2 micro-steps
     f"pretrain.max_steps={MAX_STEPS}",
     "pretrain.warmup_steps=5",
