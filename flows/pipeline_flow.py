@@ -196,7 +196,9 @@ def repro_stage(stage: str, root: str, reports: str, env: dict[str, str]) -> dic
 @task(name="open-mlflow-parent-run", **RETRIES)
 def open_parent(root: str, tags: dict[str, str]) -> str | None:
     """The MLflow parent run (retried: the tracking server may be briefly unreachable)."""
-    return open_parent_run(load_config(Path(root)), "lm-pipeline", tags)
+    return open_parent_run(
+        load_config(Path(root)), "lm-pipeline", tags, source="flows.pipeline_flow"
+    )
 
 
 def experiment_name(preset: str | None) -> str:

@@ -272,7 +272,9 @@ def scaling_sweep(
             "\n  ".join(mismatch[:10]),
         )
     tags = {"lmforge.prefect_flow_run_id": flow_run.get_id() or "", "preset": preset}
-    parent = open_parent_run(cfg, "scaling-sweep", {**tags, "lmforge.sweep": "true"})
+    parent = open_parent_run(
+        cfg, "scaling-sweep", {**tags, "lmforge.sweep": "true"}, source="flows.scaling_flow"
+    )
     ok = False
     try:
         rows, failed = run_points(cfg, points, preset, overrides, parent)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from conftest import cfg_for
 
@@ -42,7 +44,47 @@ def test_stage_run_is_a_child_of_the_parent(tracked, monkeypatch, tmp_path):
     assert len(history) == 250 and history[-1].value == pytest.approx(1 / 250)
     (ds,) = run.inputs.dataset_inputs
     assert ds.dataset.digest == file_md5(data)[:36] and ds.dataset.name == "d"
+    assert {t.key: t.value for t in ds.tags} == {
+        "mlflow.data.context": "train",
+        "lmforge.role": "input",
+    }
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_runs_carry_the_tags_the_mlflow_ui_shows(tracked, monkeypatch):
+    """Experiment kind (training view, not GenAI traces), Source, commit, name, description."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=tracked.root, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "c"], cwd=tracked.root, check=True)
+    client = mlflow.MlflowClient(tracking.tracking_uri(tracked))
+    # an experiment made without the kind (by an older lmforge, or by hand) gets it on use
+    old = client.create_experiment(tracked.tracking.experiment)
+    parent = tracking.open_parent_run(tracked, "lm-pipeline", {}, source="flows.pipeline_flow")
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
+    monkeypatch.delenv(tracking.FLOW_RUN_ENV, raising=False)
+    with tracking.start_run(tracked, "pretrain") as t:
+        t.describe("pretrain", {"val_bpb": 1.23456, "steps": 20, "method": "a|b"})
+        child = t.run_id
+    sha = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tracked.root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    ptags, ctags = client.get_run(parent).data.tags, client.get_run(child).data.tags
+    assert ptags["mlflow.source.name"] == "flows.pipeline_flow"
+    assert (ptags["mlflow.source.type"], ptags["mlflow.runName"]) == ("JOB", "lm-pipeline")
+    assert ctags["mlflow.source.name"] == "pipeline.stages.pretrain"
+    assert (ctags["mlflow.source.type"], ctags["mlflow.runName"]) == ("LOCAL", "pretrain")
+    assert ptags["mlflow.source.git.commit"] == ctags["mlflow.source.git.commit"] == sha
+    note = ctags["mlflow.note.content"]
+    assert "| val_bpb | 1.235 |" in note and "| steps | 20 |" in note
+    assert "| method | a\\|b |" in note  # a summary value cannot break the table
+
+
+def test_new_experiment_is_created_of_the_training_kind(tracked):
+    tracking.open_parent_run(tracked, "lm-pipeline", {})
+    client = mlflow.MlflowClient(tracking.tracking_uri(tracked))
+    exp = client.get_experiment_by_name(tracked.tracking.experiment)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_metrics_are_sent_in_batches(tracked, monkeypatch):

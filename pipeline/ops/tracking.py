@@ -3,8 +3,12 @@
 The pipeline flow opens a parent run and hands its id to stage processes through the
 environment (`LMFORGE_PARENT_RUN_ID`); each stage then logs as a child run. Metrics are
 buffered and sent with `log_batch` (one HTTP call per ~1000 values, not one per step),
-datasets are logged with the DVC md5 of their file as the digest, and every run is tagged
-with the git commit and the DVC stage.
+datasets are logged with the DVC md5 of their file as the digest and a context of
+training, validation or test, and every run is tagged with the git commit and the DVC stage.
+
+`mlflow ui` reads MLflow's own tags: the experiment's `mlflow.experimentKind` (else MLflow 3
+opens the GenAI traces view), and each run's `mlflow.source.*`, `mlflow.runName` and
+`mlflow.note.content` (its description: the stage summary, `Tracker.describe`).
 
 Tracking switches off cleanly, leaving a no-op `Tracker`, when `tracking.enabled: false`,
 when mlflow is not installed (the GPU benchmark machine), or on a non-zero rank.
@@ -31,6 +35,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.core.errors import EXIT_TRANSIENT, LmforgeError, is_transient
 from pipeline.core.io import file_md5
+from pipeline.core.markdown import table
 from pipeline.core.nested import flatten
 
 PARENT_RUN_ENV = "LMFORGE_PARENT_RUN_ID"
@@ -38,6 +43,12 @@ FLOW_RUN_ENV = "LMFORGE_FLOW_RUN_ID"
 DVC_EXP_ENV = "LMFORGE_DVC_EXPERIMENT"
 _BATCH = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
 _BAD_METRIC_CHARS = re.compile(r"[^\w\-. :/]")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the training-runs view of `mlflow ui`
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
+# The `context` of a dataset input, by split: the words MLflow's UI shows.
+SPLIT_CONTEXT = {"train": "training", "val": "validation", "test": "test"}
+_NOTE_ROWS = 40  # a description, not a report: the rest is in reports/<stage>.json
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +176,23 @@ class Tracker:
             batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def log_model_metrics(
+        self, model_id: str, metrics: Mapping[str, float], dataset: tuple[str, str] | None = None
+    ) -> None:
+        """Metrics of MLflow 3 LoggedModel `model_id`, on `dataset` (name, digest); sent now."""
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        name, digest = dataset or (None, None)
+        items = [
+            Metric(metric_name(k), float(v), now, 0, model_id, name, digest)
+            for k, v in flatten(metrics, numbers_only=True).items()
+        ]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.active:
             return
@@ -187,8 +215,17 @@ class Tracker:
         if self.active:
             self.client.log_text(self.run_id, text, artifact_file)
 
-    def log_dataset(self, path: Path, name: str, context: str) -> None:
-        """Record a dataset file as a run input; its digest is the file md5 (as in dvc.lock)."""
+    def describe(self, stage: str, summary: Mapping[str, Any]) -> None:
+        """The run's description (`mlflow.note.content`): the stage's summary as markdown."""
+        if self.active:
+            self.set_tags({NOTE_TAG: stage_note(stage, summary)})
+
+    def log_dataset(self, path: Path, name: str, context: str, role: str = "input") -> None:
+        """Record a dataset file on the run; its digest is the file md5 (as in dvc.lock).
+
+        `context` is training, validation or test (`SPLIT_CONTEXT`); `role` says whether
+        the stage read it ("input") or wrote it ("output"), as the tag `lmforge.role`.
+        """
         if not self.active:
             return
         from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -199,10 +236,22 @@ class Tracker:
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(str(Path(path).resolve()))
         ds = MetaDataset(source=source, name=name, digest=file_md5(path)[:36])
-        tag = InputTag(key="mlflow.data.context", value=context)
+        tags = [
+            InputTag(key="mlflow.data.context", value=context),
+            InputTag(key="lmforge.role", value=role),
+        ]
         self.client.log_inputs(
-            self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[tag])]
+            self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=tags)]
         )
+
+
+def stage_note(stage: str, summary: Mapping[str, Any]) -> str:
+    """`summary` (a stage's returned dict) as a markdown table under the stage's name."""
+    rows = list(flatten(summary, lists="index").items())
+    lines = [f"**lmforge `{stage}`**", "", *table(["", "value"], rows[:_NOTE_ROWS])]
+    if len(rows) > _NOTE_ROWS:
+        lines += ["", f"... {len(rows) - _NOTE_ROWS} more in `reports/{stage}.json`"]
+    return "\n".join(lines)
 
 
 def mlflow_or_none() -> Any:
@@ -261,9 +310,27 @@ def _end_run(tracker: Tracker, uri: str, status: str) -> None:
 
 
 def _experiment_id(client: Any, cfg: Config) -> str:
-    """The id of experiment `tracking.experiment`, created if missing."""
+    """The id of experiment `tracking.experiment`, created if missing, of the training kind.
+
+    An experiment created by an older lmforge (or by hand) gets the kind tag on first use.
+    """
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    return exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    if exp is None:
+        kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        return client.create_experiment(cfg.tracking.experiment, tags=kind)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def _standard_tags(sha: str, source: str, source_type: str, name: str) -> dict[str, str]:
+    """MLflow's own tags: the UI's Source, commit and run-name fields."""
+    return {
+        "mlflow.source.git.commit": sha,
+        "mlflow.source.name": source,
+        "mlflow.source.type": source_type,
+        "mlflow.runName": name,
+    }
 
 
 def _stage_tags(cfg: Config, stage: str) -> dict[str, str]:
@@ -276,7 +343,13 @@ def _stage_tags(cfg: Config, stage: str) -> dict[str, str]:
         "lmforge.dvc_stage": os.environ.get("DVC_STAGE", ""),
         "lmforge.dvc_experiment": os.environ.get(DVC_EXP_ENV, ""),
         "lmforge.prefect_flow_run_id": os.environ.get(FLOW_RUN_ENV, ""),
-        "mlflow.source.git.commit": sha,
+        # run by the flow (a scheduled or triggered job) or by hand
+        **_standard_tags(
+            sha,
+            f"pipeline.stages.{stage}",
+            "JOB" if os.environ.get(FLOW_RUN_ENV) else "LOCAL",
+            stage,
+        ),
     }
     if os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
@@ -284,17 +357,26 @@ def _stage_tags(cfg: Config, stage: str) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items()}
 
 
-def open_parent_run(cfg: Config, name: str, tags: Mapping[str, Any]) -> str | None:
+def open_parent_run(
+    cfg: Config, name: str, tags: Mapping[str, Any], source: str | None = None
+) -> str | None:
     """Create the pipeline's parent run and return its id (None when tracking is off).
 
-    Stage processes join it as children through `$LMFORGE_PARENT_RUN_ID`.
+    Stage processes join it as children through `$LMFORGE_PARENT_RUN_ID`. `source` (the
+    flow's module, e.g. flows.pipeline_flow) is the run's `mlflow.source.name`, else `name`.
+    `tags` win over the defaults.
     """
     mlflow = mlflow_or_none() if cfg.tracking.enabled else None
     if mlflow is None:
         return None
     uri = tracking_uri(cfg)
     sha, dirty = git_commit(cfg.root)
-    all_tags = {"lmforge.git_commit": sha, "lmforge.git_dirty": dirty, **tags}
+    all_tags = {
+        "lmforge.git_commit": sha,
+        "lmforge.git_dirty": dirty,
+        **_standard_tags(sha, source or name, "JOB", name),
+        **tags,
+    }
     with server_errors(uri):
         client = mlflow.MlflowClient(tracking_uri=uri)
         run = client.create_run(
@@ -307,7 +389,10 @@ def open_parent_run(cfg: Config, name: str, tags: Mapping[str, Any]) -> str | No
 
 
 def close_run(cfg: Config, run_id: str | None, success: bool, metrics: Mapping[str, float]) -> None:
-    """Log final metrics to a run opened by `open_parent_run` and mark it finished or failed."""
+    """Log final metrics to a run opened by `open_parent_run` and mark it finished or failed.
+
+    The metrics (e.g. each stage's seconds) and the outcome are also the run's description.
+    """
     if run_id is None:
         return
     import mlflow
@@ -318,4 +403,6 @@ def close_run(cfg: Config, run_id: str | None, success: bool, metrics: Mapping[s
         tracker = Tracker(client, run_id)
         tracker.log_metrics(metrics)
         tracker.flush()
+        name = client.get_run(run_id).info.run_name
+        tracker.describe(name, {"outcome": "succeeded" if success else "failed", **metrics})
         client.set_terminated(run_id, "FINISHED" if success else "FAILED")

@@ -16,6 +16,7 @@ depend on it). A registry that cannot answer the champion lookup raises Registry
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -26,8 +27,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.config import Config
-from pipeline.core.io import atomic_write_text, tree_md5
-from pipeline.core.names import MODEL_CARD, STAGES, split_parquet
+from pipeline.core.io import atomic_write_text, file_md5, tree_md5
+from pipeline.core.names import MODEL_CARD, STAGES, report_json, split_parquet
 from pipeline.ops.tracking import (
     DVC_EXP_ENV,
     FLOW_RUN_ENV,
@@ -49,6 +50,7 @@ from pipeline.text.shards import read_meta
 
 log = logging.getLogger(__name__)
 STAGE = "register"  # the stage's name: its own run id tag is `mlflow_run_id.register`
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # a LoggedModel's registered versions (JSON)
 
 
 def dvc_lock_digest(cfg: Config, path_key: str) -> str:
@@ -168,6 +170,36 @@ def log_packaged_model(
     return model_uri, generator, card
 
 
+def log_evaluation(cfg: Config, tracker: Any, model_uri: str, tok_meta: dict[str, Any]) -> None:
+    """The evaluation's metrics on the logged model (`models:/m-<id>`), on the test shard.
+
+    Same names as on the evaluate run (`test.bits_per_byte`, ...); the dataset is the test
+    shard, named and digested as on the evaluate run's inputs.
+    """
+    if not model_uri.startswith("models:/m-"):
+        return  # not an MLflow 3 LoggedModel: nothing to attach them to
+    reports = cfg.path("reports")
+    evaluation = read_json(reports / report_json("evaluate"), "run `dvc repro evaluate` first")
+    shard = cfg.path("tokenizer") / tok_meta["splits"]["test"]["file"]
+    dataset = ("tokens-test", file_md5(shard)[:36])
+    tracker.log_model_metrics(model_uri.removeprefix("models:/"), evaluation, dataset)
+
+
+def link_version(client: Any, name: str, version: str, model_uri: str) -> None:
+    """List version `version` of `name` on its LoggedModel (tag `mlflow.modelVersions`).
+
+    The model page links to its registered versions through this tag. A tracking server
+    sets it when the version is created from a model id; a local (SQLite) store does not.
+    """
+    if not model_uri.startswith("models:/m-"):
+        return
+    model_id = model_uri.removeprefix("models:/")
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG, "[]"))
+    if not any((v["name"], str(v["version"])) == (name, version) for v in listed):
+        entry = {"name": name, "version": int(version)}  # as the server writes it
+        client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps([*listed, entry])})
+
+
 def register(cfg: Config, tracker: Any, gate: dict[str, Any]) -> dict[str, Any]:
     """Package, log, register and place the aliases; the registry part of the report."""
     client, name = tracker.client, cfg.register.model_name
@@ -175,10 +207,12 @@ def register(cfg: Config, tracker: Any, gate: dict[str, Any]) -> dict[str, Any]:
     tok_meta = read_meta(cfg.path("tokenizer"))
     lineage = lineage_tags(cfg, client, experiment_id, tracker.run_id, tok_meta)
     model_uri, generator, card = log_packaged_model(cfg, tracker, gate, lineage)
+    log_evaluation(cfg, tracker, model_uri, tok_meta)
     champion = registry.version_by_alias(client, name, registry.CHAMPION)
     registry.ensure_registered_model(client, name, "GPT-style LM trained by lmforge")
     mv = registry.create_version(client, name, model_uri, tracker.run_id, lineage, card)
     version = str(mv.version)
+    link_version(client, name, version, model_uri)
     client.set_registered_model_alias(name, registry.CHALLENGER, version)
     if champion is None:
         comparison: dict[str, Any] = {"champion_version": None, "promoted": True}

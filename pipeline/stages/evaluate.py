@@ -36,6 +36,7 @@ import torch
 from pipeline.config import Config
 from pipeline.core.io import atomic_write_json, atomic_write_text
 from pipeline.core.names import (
+    FINETUNE_TEST,
     LOSS_BY_POSITION,
     PLOTS_DIR,
     RELIABILITY,
@@ -62,7 +63,7 @@ STAGE = "evaluate"
 
 def run(cfg: Config) -> dict[str, Any]:
     """Evaluate the fine-tuned model; write reports/evaluate.{json,md} and plots."""
-    from pipeline.ops.tracking import start_run
+    from pipeline.ops.tracking import SPLIT_CONTEXT, start_run
 
     torch.manual_seed(derive_seed(cfg.seed, STAGE, "torch") % 2**63)
     tok_dir = cfg.path("tokenizer")
@@ -109,10 +110,16 @@ def run(cfg: Config) -> dict[str, Any]:
         png = reliability_png(diagram, reports / PLOTS_DIR / "reliability.png")
         if png:
             tracker.log_artifact(png, "plots")
-    return {
-        "bits_per_byte": report["test"]["bits_per_byte"],
-        "kl": {k: v["kl_bits_per_byte"] for k, v in report["source_kl"].items()},
-    }
+        test = SPLIT_CONTEXT["test"]  # what it scored: the test shard and the held-out task set
+        tracker.log_dataset(tok_dir / test_meta["file"], "tokens-test", test)
+        if (task_set := cfg.path("synthetic") / FINETUNE_TEST).is_file():  # else no accuracy
+            tracker.log_dataset(task_set, "finetune-test", test)
+        summary = {
+            "bits_per_byte": report["test"]["bits_per_byte"],
+            "kl": {k: v["kl_bits_per_byte"] for k, v in report["source_kl"].items()},
+        }
+        tracker.describe(STAGE, summary)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,8 @@ from typing import Any
 from pipeline.config import Config, save_resolved
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from pipeline.core.names import (
+    FINETUNE_TEST,
+    FINETUNE_TRAIN,
     METHODS_DIR,
     MODEL_CONFIG_FILE,
     PLOTS_DIR,
@@ -60,7 +62,7 @@ __all__ = ["METHODS", "STAGE", "main", "run"]
 
 def run(cfg: Config) -> dict[str, Any]:
     """Fine-tune with the configured method (and the others when comparing)."""
-    from pipeline.ops.tracking import start_run
+    from pipeline.ops.tracking import SPLIT_CONTEXT, start_run
 
     f, device = cfg.finetune, finetune_device(cfg)
     gcfg, weights = load_pretrained(cfg)
@@ -92,6 +94,10 @@ def run(cfg: Config) -> dict[str, Any]:
         png = comparison_chart(results, reports / PLOTS_DIR / "finetune_compare.png")
         if png:
             tracker.log_artifact(png, "plots")
+        synth = cfg.path("synthetic")  # the fine-tuning set: trained on, and held out
+        tracker.log_dataset(synth / FINETUNE_TRAIN, "finetune-train", SPLIT_CONTEXT["train"])
+        tracker.log_dataset(synth / FINETUNE_TEST, "finetune-test", SPLIT_CONTEXT["test"])
+        tracker.describe(STAGE, report)
     return report
 
 

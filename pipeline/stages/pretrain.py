@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.core.names import shard_file
 from pipeline.core.plots import loss_curve_png
 from pipeline.ops.stage_runner import stage_main
 from pipeline.train import distributed as dist_utils
@@ -62,7 +63,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
 def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
     """Build, fit and write the outputs under a tracker (MLflow when installed, rank 0)."""
-    from pipeline.ops.tracking import start_run
+    from pipeline.ops.tracking import SPLIT_CONTEXT, start_run
 
     trainer = build(cfg, info)
     signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
@@ -79,6 +80,10 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
         )
         result = fit(trainer, tracker)
         report = write_outputs(trainer, result)
+        tracker.describe(STAGE, report)
+        for split in ("train", "val"):  # the token shards it trained and validated on
+            shard = cfg.path("tokenizer") / shard_file(split)
+            tracker.log_dataset(shard, f"tokens-{split}", SPLIT_CONTEXT[split])
         if tracker.active:
             tracker.log_artifact(report_path(cfg))
             with tempfile.TemporaryDirectory() as tmp:

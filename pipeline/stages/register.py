@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.core.io import atomic_write_json
-from pipeline.core.names import REGISTER_VERSION, report_json
+from pipeline.core.names import REGISTER_VERSION, report_json, split_parquet
 from pipeline.ops.stage_runner import stage_main
 from pipeline.serve.gate import check_gate, gate_metrics, read_json, why_not
 from pipeline.serve.publish import STAGE, register
@@ -44,7 +44,7 @@ def run(cfg: Config) -> dict[str, Any]:
     (version, alias, champion comparison) differs between registries: it goes to MLflow and
     to `reports/register_version.json`, which DVC does not track.
     """
-    from pipeline.ops.tracking import start_run
+    from pipeline.ops.tracking import SPLIT_CONTEXT, start_run
 
     reports = cfg.path("reports")
     evaluation = read_json(reports / report_json("evaluate"), "run `dvc repro evaluate` first")
@@ -71,7 +71,16 @@ def run(cfg: Config) -> dict[str, Any]:
             tracker.log_artifact(reports / VERSION_FILE)
         atomic_write_json(reports / report_json(STAGE), report)
         tracker.log_artifact(reports / report_json(STAGE))
-    return {"registered": report["registered"], "reason": reason, **outcome}
+        # What the gate read: the test-split evaluation (and the test documents, when the
+        # challenger was compared with a champion on them).
+        test = SPLIT_CONTEXT["test"]
+        tracker.log_dataset(reports / report_json("evaluate"), "evaluation-test", test)
+        if outcome.get("comparison", {}).get("documents"):
+            path = cfg.path("validated") / split_parquet("test")
+            tracker.log_dataset(path, "validated-test", test)
+        summary = {"registered": report["registered"], "reason": reason, **outcome}
+        tracker.describe(STAGE, summary)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,16 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.core.io import atomic_dir, atomic_write_json
-from pipeline.core.names import FINETUNE_TRAIN, PRETRAIN_TRAIN, report_json
+from pipeline.core.names import (
+    FINETUNE_TEST,
+    FINETUNE_TRAIN,
+    PRETRAIN_TRAIN,
+    report_json,
+    split_parquet,
+)
 from pipeline.data.synthetic import STAGE, read_split, story_world, synthesize_into
 from pipeline.ops.stage_runner import stage_main
-from pipeline.ops.tracking import start_run
+from pipeline.ops.tracking import SPLIT_CONTEXT, start_run
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -47,10 +53,20 @@ def run(cfg: Config) -> dict[str, Any]:
         if "source_entropy" in report:
             tracker.log_metrics({"source_entropy": report["source_entropy"]})
         tracker.log_artifact(report_path)
-        synth = cfg.path("synthetic")
-        tracker.log_dataset(synth / PRETRAIN_TRAIN, "pretrain-train", "train")
-        tracker.log_dataset(synth / FINETUNE_TRAIN, "finetune-train", "finetune")
-    return {"mix": mix, "finetune": report["finetune"], "entropy": report.get("source_entropy")}
+        for split, context in SPLIT_CONTEXT.items():  # read: the real splits it mixes and checks
+            path = cfg.path("validated") / split_parquet(split)
+            tracker.log_dataset(path, f"validated-{split}", context)
+        synth, train, test = cfg.path("synthetic"), SPLIT_CONTEXT["train"], SPLIT_CONTEXT["test"]
+        tracker.log_dataset(synth / PRETRAIN_TRAIN, "pretrain-train", train, "output")
+        tracker.log_dataset(synth / FINETUNE_TRAIN, "finetune-train", train, "output")
+        tracker.log_dataset(synth / FINETUNE_TEST, "finetune-test", test, "output")
+        summary = {
+            "mix": mix,
+            "finetune": report["finetune"],
+            "entropy": report.get("source_entropy"),
+        }
+        tracker.describe(STAGE, summary)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from pipeline.core.io import atomic_dir, atomic_write_json
 from pipeline.core.names import META_FILE, TOKENIZER_FILE, report_json, shard_file
 from pipeline.data.texts import ParquetTexts
 from pipeline.ops.stage_runner import stage_main
-from pipeline.ops.tracking import start_run
+from pipeline.ops.tracking import SPLIT_CONTEXT, start_run
 from pipeline.text.encode import STAGE, build_report, input_paths, tokenize_into
 
 
@@ -57,8 +57,10 @@ def run(cfg: Config) -> dict[str, Any]:
             tracker.log_artifact(out_dir / name, STAGE)  # the same file name as the BPE
         tracker.log_artifact(report_path, "reports")
         for split, path in inputs.items():
-            tracker.log_dataset(path, f"text-{split}", split)
-            tracker.log_dataset(out_dir / shard_file(split), f"tokens-{split}", f"tokens-{split}")
+            context = SPLIT_CONTEXT[split]
+            tracker.log_dataset(path, f"text-{split}", context)
+            tracker.log_dataset(out_dir / shard_file(split), f"tokens-{split}", context, "output")
+        tracker.describe(STAGE, report)
     return report
 
 

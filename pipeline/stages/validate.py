@@ -39,7 +39,7 @@ from pipeline.data.clean import SPLITS, CorpusScan
 from pipeline.data.expectations import GateResult, GateThresholds, run_gate
 from pipeline.data.ingest import SCHEMA, iter_corpus
 from pipeline.ops.stage_runner import stage_main
-from pipeline.ops.tracking import start_run
+from pipeline.ops.tracking import SPLIT_CONTEXT, start_run
 
 log = logging.getLogger(__name__)
 STAGE = "validate"
@@ -128,8 +128,15 @@ def run(cfg: Config) -> dict[str, Any]:
         tracker.log_artifact(report_path)
         tracker.log_artifact(cfg.path("data_docs"), "data_docs")
         for s in SPLITS:
-            tracker.log_dataset(cfg.path("validated") / split_parquet(s), f"validated-{s}", s)
-    return {"docs": dict(scan.kept), "dropped": dict(scan.dropped), "seconds": round(seconds, 2)}
+            path = cfg.path("validated") / split_parquet(s)
+            tracker.log_dataset(path, f"validated-{s}", SPLIT_CONTEXT[s], role="output")
+        summary = {
+            "docs": dict(scan.kept),
+            "dropped": dict(scan.dropped),
+            "seconds": round(seconds, 2),
+        }
+        tracker.describe(STAGE, summary)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
