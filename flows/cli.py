@@ -106,18 +106,11 @@ def run(
         result = lm_pipeline(preset=preset, overrides=set_ or [], root=str(root), push=push)
     except Exception as e:
         _fail(f"pipeline failed: {e}", 1)
-    cfg = load_config(root)
-    typer.echo("\nWhere to look:")
-    typer.echo(f"  MLflow:  mlflow ui --backend-store-uri {cfg.tracking.uri}")
-    if result.get("mlflow_parent_run_id"):
-        typer.echo(f"           parent run {result['mlflow_parent_run_id']}")
-    typer.echo("  Prefect: prefect server start   (then open the flow run of lm-pipeline)")
-    if result.get("dvc_experiment"):
-        typer.echo(f"  DVC:     experiment {result['dvc_experiment']}   (dvc exp show)")
-    typer.echo("           dvc metrics show; dvc plots show")
-    if push:
-        pushed = "pushed" if result.get("dvc_pushed") else "NOT pushed (see the log)"
-        typer.echo(f"  Remote:  outputs {pushed}; dvc pull restores them")
+    from rich.console import Console
+
+    from flows.artifacts import print_run_end
+
+    print_run_end(Console(), result, load_config(root).tracking.uri, push)
 
 
 def _tracking_uri_for_cli() -> str | None:

@@ -140,3 +140,53 @@ def test_gate_thresholds_are_the_validate_keys_of_the_same_names(project):
     assert (t.min_chars, t.pii_mostly) == (7, 0.5)
     v = cfg.validate
     assert (t.max_rows, t.min_rows_per_source) == (v.max_rows, v.min_rows_per_source)
+
+
+def real_text_corpus() -> tuple[list[str], set[str], set[str]]:
+    """1000 documents: 2% end in an e-mail signature, 0.5% carry control characters (BEL,
+    backspace), as ordinary real text does; (texts, e-mail docs, control-char docs)."""
+    texts = [
+        f"Note {i}: the river ran past stone {i % 13} and the king {i % 5}." for i in range(1000)
+    ]
+    emails = {f"{texts[i]}\n-- \nwrite to person{i}@example.com" for i in range(0, 1000, 50)}
+    controls = {f"{texts[i]} \x07\x08\x07 ding" for i in range(7, 1000, 200)}
+    body = [t for i, t in enumerate(texts) if i % 50 and (i - 7) % 200]
+    return body + sorted(emails) + sorted(controls), emails, controls
+
+
+def test_real_text_within_the_tolerances_passes_and_reports_the_drops(project):
+    texts, emails, controls = real_text_corpus()
+    assert (len(emails), len(controls), len(texts)) == (20, 5, 1000)
+    write_jsonl(project / "corpus.jsonl", texts)
+    cfg = jsonl_cfg(project)
+    summary = validate.run(cfg)
+    assert summary["dropped"] == {"pii": 20, "unprintable": 5}
+    kept = {t for docs in splits(cfg).values() for t in docs}
+    assert len(kept) == 975 and not kept & (emails | controls)
+    report = json.loads((cfg.path("reports") / "validate.json").read_text())
+    assert report["dropped"] == {"pii": 20, "unprintable": 5}
+    assert report["aggregates"]["email_fraction"] == 0.02
+    assert report["aggregates"]["unprintable_fraction"] == 0.005
+    assert report["gate"]["success"] is True
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        (
+            "validate.pii_mostly=0.99",
+            "email_fraction: expect_column_max_to_be_between: observed 0.02, e.g. doc_id local:",
+        ),
+        ("validate.printable_mostly=0.999", "unprintable_fraction:"),
+    ],
+)
+def test_real_text_over_a_tolerance_fails_naming_the_param(project, override, named):
+    texts, _, _ = real_text_corpus()
+    write_jsonl(project / "corpus.jsonl", texts)
+    with pytest.raises(GateFailed) as e:
+        validate.run(jsonl_cfg(project, override))
+    message = str(e.value)
+    assert named in message
+    (line,) = [x for x in message.splitlines() if named.split(":")[0] + ":" in x]
+    assert f"set by {override}" in line
+    assert "data gate failed: 1 of" in message

@@ -115,7 +115,19 @@ class ValidateConfig:
     max_rows: int = spec("most documents in the corpus", min=1)
     max_duplicate_fraction: float = spec("largest share of exact duplicates", min=0.0, max=1.0)
     min_printable_fraction: float = spec("smallest share of printable chars", min=0.0, max=1.0)
-    pii_mostly: float = spec("share of documents that must match no PII regex", min=0, max=1)
+    pii_mostly: float = spec(
+        "share of documents that must match no PII regex (the rest are dropped)", min=0, max=1
+    )
+    length_mostly: float = spec(
+        "share of documents that must be min_chars..max_chars long (the rest are dropped)",
+        min=0,
+        max=1,
+    )
+    printable_mostly: float = spec(
+        "share of documents that must reach min_printable_fraction (the rest are dropped)",
+        min=0,
+        max=1,
+    )
     min_rows_per_source: int = spec("fewest documents each source must give", min=0)
     drop_pii: bool = spec("cleaning: drop documents that match a PII regex")
     strip_whitespace: bool = spec("cleaning: strip leading/trailing whitespace")

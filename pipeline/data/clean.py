@@ -72,6 +72,7 @@ class CorpusScan:
     emails: int = 0
     phones: int = 0
     out_of_range: int = 0
+    unprintable: int = 0
     chars: int = 0
     printable: int = 0
     per_source: Counter = field(default_factory=Counter)
@@ -124,10 +125,14 @@ class CorpusScan:
             self.duplicates += 1
             return "duplicate"
         self._seen.add(digest)
+        # Each quality check is counted on its own (a short unprintable document counts for
+        # both), so each exact share is what its `validate.*_mostly` tolerance bounds.
+        unprintable = ok < self.cfg.min_printable_fraction * n
+        self.unprintable += unprintable
         if not self.cfg.min_chars <= n <= self.cfg.max_chars:
             self.out_of_range += 1
             return "length"
-        if ok < self.cfg.min_printable_fraction * n:
+        if unprintable:
             return "unprintable"
         if self.cfg.drop_pii and (email or phone):
             return "pii"
@@ -156,6 +161,7 @@ class CorpusScan:
             "phone_fraction": self.phones / n,
             "min_source_rows": min(self.per_source.values(), default=0),
             "length_out_of_range_fraction": self.out_of_range / n,
+            "unprintable_fraction": self.unprintable / n,
         }
 
     def sample_frame(self) -> pd.DataFrame:

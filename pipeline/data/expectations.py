@@ -3,7 +3,14 @@
 GX is slow on very large DataFrames, so the gate validates two small frames: a seeded
 *sample* of documents against row-level expectations, and a one-row frame of *exact*
 aggregates (computed by our own streaming pass over the whole corpus) against table-level
-expectations. Both results are reported together and the gate fails if any expectation fails.
+expectations. Both results are reported together.
+
+Row-level quality checks (length, printable share, PII) have a tolerance (`validate.*_mostly`):
+cleaning drops the documents that fail them, and the gate fails only when the dropped share,
+counted exactly over the whole corpus (the aggregates), exceeds `1 - mostly`. Their per-row
+counterparts on the sample are reported (with example doc_ids) but do not decide, so the
+sampling noise of a share near its tolerance cannot fail a corpus that is within it. Every
+other expectation decides. A failure names the `validate.*` params that set its bound.
 
 GX is imported lazily (it takes seconds), so importing this module stays cheap; the regexes
 and the printable-character helpers are plain Python so the streaming pass can share them.
@@ -66,6 +73,7 @@ AGGREGATE_KEYS = (
     "phone_fraction",
     "min_source_rows",
     "length_out_of_range_fraction",
+    "unprintable_fraction",
 )
 _SAMPLE_COLUMNS = ("text", "source", "doc_id")
 _ALLOWED_CONTROL = "\n\t\r"
@@ -88,6 +96,9 @@ class GateThresholds:
     min_printable_fraction: float
     pii_mostly: float
     min_rows_per_source: int
+    # Defaults of 1.0 (no tolerance) for callers that build thresholds by hand.
+    length_mostly: float = 1.0
+    printable_mostly: float = 1.0
 
     @classmethod
     def from_params(cls, validate: ValidateConfig) -> GateThresholds:
@@ -100,7 +111,13 @@ class GateThresholds:
             a, b = getattr(self, lo), getattr(self, hi)
             if not 0 <= a <= b:
                 raise ThresholdError(f"validate.{lo}={a}, validate.{hi}={b}: need 0 <= min <= max")
-        for key in ("max_duplicate_fraction", "min_printable_fraction", "pii_mostly"):
+        for key in (
+            "max_duplicate_fraction",
+            "min_printable_fraction",
+            "pii_mostly",
+            "length_mostly",
+            "printable_mostly",
+        ):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ThresholdError(f"validate.{key}={getattr(self, key)}: expected [0, 1]")
         if self.min_rows_per_source < 0:
@@ -159,17 +176,19 @@ def aggregates_frame(aggregates: dict[str, Any]) -> pd.DataFrame:
 
 
 def _row_expectations(t: GateThresholds) -> list:
-    """Per-document checks on the sample; PII checks tolerate a share of 1 - pii_mostly."""
+    """Per-document checks on the sample; each quality check tolerates 1 - its `mostly`."""
     import great_expectations.expectations as gxe
 
     return [
         gxe.ExpectColumnValuesToNotBeNull(column="text"),
         gxe.ExpectColumnValuesToMatchRegex(column="text", regex=NONBLANK_RE),
         gxe.ExpectColumnValuesToBeBetween(
-            column="n_chars", min_value=t.min_chars, max_value=t.max_chars
+            column="n_chars", min_value=t.min_chars, max_value=t.max_chars, mostly=t.length_mostly
         ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="printable_fraction", min_value=t.min_printable_fraction
+            column="printable_fraction",
+            min_value=t.min_printable_fraction,
+            mostly=t.printable_mostly,
         ),
         gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=EMAIL_RE, mostly=t.pii_mostly),
         gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=PHONE_RE, mostly=t.pii_mostly),
@@ -179,12 +198,13 @@ def _row_expectations(t: GateThresholds) -> list:
 def _aggregate_expectations(t: GateThresholds) -> list:
     """Corpus-wide checks. On one row min == max == the value, and GX reports it as observed.
 
-    length_out_of_range_fraction must be exactly 0: the gate runs on the corpus that will be
-    trained on, so any out-of-range document means cleaning or thresholds are wrong.
+    The shares of documents that cleaning drops for their length, printable share or PII are
+    bounded by 1 - the matching `mostly`.
     """
     import great_expectations.expectations as gxe
 
-    pii_max = round(1.0 - t.pii_mostly, 12)  # 1 - 0.999 is 0.0010000000000000009
+    def tolerance(mostly: float) -> float:
+        return round(1.0 - mostly, 12)  # 1 - 0.999 is 0.0010000000000000009
 
     def at_most(column: str, hi: float, lo: float | None = None) -> Any:
         return gxe.ExpectColumnMaxToBeBetween(column=column, min_value=lo, max_value=hi)
@@ -198,11 +218,48 @@ def _aggregate_expectations(t: GateThresholds) -> list:
         at_most("empty_count", 0, lo=0),
         at_most("duplicate_fraction", t.max_duplicate_fraction),
         at_least("printable_fraction", t.min_printable_fraction),
-        at_most("email_fraction", pii_max),
-        at_most("phone_fraction", pii_max),
+        at_most("email_fraction", tolerance(t.pii_mostly)),
+        at_most("phone_fraction", tolerance(t.pii_mostly)),
         at_least("min_source_rows", t.min_rows_per_source),
-        at_most("length_out_of_range_fraction", 0.0, lo=0.0),
+        at_most("length_out_of_range_fraction", tolerance(t.length_mostly)),
+        at_most("unprintable_fraction", tolerance(t.printable_mostly)),
     ]
+
+
+_LENGTH = ("length_mostly", "min_chars", "max_chars")
+_PRINTABLE = ("printable_mostly", "min_printable_fraction")
+# The `validate.*` params that set each expectation's bound, by (suite, column or regex).
+PARAMS: dict[tuple[str, str], tuple[str, ...]] = {
+    (ROWS_SUITE, "n_chars"): _LENGTH,
+    (ROWS_SUITE, "printable_fraction"): _PRINTABLE,
+    (ROWS_SUITE, EMAIL_RE): ("pii_mostly",),
+    (ROWS_SUITE, PHONE_RE): ("pii_mostly",),
+    (AGGREGATES_SUITE, "row_count"): ("min_rows", "max_rows"),
+    (AGGREGATES_SUITE, "duplicate_fraction"): ("max_duplicate_fraction",),
+    (AGGREGATES_SUITE, "printable_fraction"): ("min_printable_fraction",),
+    (AGGREGATES_SUITE, "email_fraction"): ("pii_mostly",),
+    (AGGREGATES_SUITE, "phone_fraction"): ("pii_mostly",),
+    (AGGREGATES_SUITE, "min_source_rows"): ("min_rows_per_source",),
+    (AGGREGATES_SUITE, "length_out_of_range_fraction"): _LENGTH,
+    (AGGREGATES_SUITE, "unprintable_fraction"): _PRINTABLE,
+}
+# Row checks whose exact corpus-wide share is an aggregate: the aggregate decides.
+EXACT_COUNTERPART = {
+    "n_chars": "length_out_of_range_fraction",
+    "printable_fraction": "unprintable_fraction",
+    EMAIL_RE: "email_fraction",
+    PHONE_RE: "phone_fraction",
+}
+
+
+def _key(rec: dict[str, Any]) -> str:
+    """A record's column, or its regex for the PII checks (both run on `text`)."""
+    regex = rec["kwargs"].get("regex")
+    return regex if regex in (EMAIL_RE, PHONE_RE) else rec["column"]
+
+
+def _decides(rec: dict[str, Any]) -> bool:
+    return not (rec["suite"] == ROWS_SUITE and _key(rec) in EXACT_COUNTERPART)
 
 
 _REGEX_NAMES = {EMAIL_RE: "EMAIL_RE", PHONE_RE: "PHONE_RE", NONBLANK_RE: "a non-blank char"}
@@ -232,40 +289,73 @@ def _expected(rec: dict[str, Any]) -> str:
     return bound
 
 
-def _describe(rec: dict[str, Any]) -> str:
-    """One terminal line for a failed expectation."""
+def _params(rec: dict[str, Any], t: GateThresholds | None) -> str:
+    """'; set by validate.pii_mostly=0.99' for the params behind a record's bound."""
+    names = PARAMS.get((rec["suite"], _key(rec)), ())
+    if t is None or not names:
+        return ""
+    return "; set by " + ", ".join(f"validate.{n}={getattr(t, n)}" for n in names)
+
+
+def _describe(
+    rec: dict[str, Any], t: GateThresholds | None = None, examples: list[str] | None = None
+) -> str:
+    """One terminal line for a failed expectation; `examples`: doc_ids from its row check.
+
+    Doc ids are shown whole (`<source>:<file>:<row>` can be long): never cut mid-id.
+    """
+    examples = examples or rec["unexpected_doc_ids"]
     if rec["error"]:
         observed = f"error: {rec['error']}"
     elif rec["unexpected_count"] is not None:
         pct = rec["unexpected_percent"] or 0.0
         observed = f"{rec['unexpected_count']} unexpected rows ({pct:.2f}%)"
-        if rec["unexpected_doc_ids"]:
-            observed += f", e.g. doc_id {', '.join(rec['unexpected_doc_ids'])}"
     else:
         observed = repr(_num(rec["observed_value"]))
+    if examples:
+        observed += f", e.g. doc_id {', '.join(examples)}"
     return (
         f"  [{rec['suite']}] {rec['column']}: {rec['expectation']}: "
-        f"observed {observed}; expected {_expected(rec)}"
+        f"observed {observed}; expected {_expected(rec)}{_params(rec, t)}"
     )
 
 
 @dataclass
 class GateResult:
-    """Outcome of the gate: overall success plus one JSON-ready dict per expectation."""
+    """Outcome of the gate: overall success plus one JSON-ready dict per expectation.
+
+    Each record's `decides` says whether it counts toward `success` (see the module doc).
+    """
 
     success: bool
     expectations: list[dict[str, Any]] = field(default_factory=list)
+    thresholds: GateThresholds | None = None
 
     @property
     def failures(self) -> list[dict[str, Any]]:
-        return [e for e in self.expectations if not e["success"]]
+        """The failed expectations that fail the gate."""
+        return [e for e in self.expectations if not e["success"] and e.get("decides", True)]
+
+    def _examples(self, rec: dict[str, Any]) -> list[str]:
+        """For an exact share, the doc_ids its row check found in the sample."""
+        rows = [r for r in self.expectations if r["suite"] == ROWS_SUITE]
+        for row in rows:
+            if (
+                rec["suite"] == AGGREGATES_SUITE
+                and EXACT_COUNTERPART.get(_key(row)) == rec["column"]
+            ):
+                return row["unexpected_doc_ids"]
+        return []
 
     def failure_message(self) -> str:
-        """Failed expectations, one per line, with column, observed value and bound."""
+        """Failed expectations, one per line: column, observed value, bound and its params."""
         if self.success:
-            return f"data gate passed: all {len(self.expectations)} expectations met"
+            within = [e for e in self.expectations if not e["success"]]
+            note = f" ({len(within)} sampled checks over, within tolerance)" if within else ""
+            return f"data gate passed: all {len(self.expectations)} expectations met{note}"
         lines = [f"data gate failed: {len(self.failures)} of {len(self.expectations)} failed"]
-        return "\n".join(lines + [_describe(rec) for rec in self.failures])
+        lines += [_describe(r, self.thresholds, self._examples(r)) for r in self.failures]
+        return "\n".join(lines)
 
 
 def run_gate(
@@ -295,6 +385,9 @@ def run_gate(
         for name, frame, expectations in suites
         for evr in validate_frame(gx, ctx, name, frame, expectations, run_id).results
     ]
+    for r in records:
+        r["decides"] = _decides(r)
     if docs_dir is not None:
         strip_render_times(Path(docs_dir))
-    return GateResult(success=all(r["success"] for r in records), expectations=records)
+    success = all(r["success"] for r in records if r["decides"])
+    return GateResult(success=success, expectations=records, thresholds=thresholds)

@@ -1,0 +1,230 @@
+"""What `lmforge run` shows on the terminal: DVC's hints kept out, one timestamp per line,
+and the end-of-run summary table.
+
+    .venv/bin/python -m pytest tests/test_terminal.py -q
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from flows.artifacts import gx_markdown, key_metrics, print_run_end
+from flows.streaming import LogFilter, stream_command
+from pipeline.ops.launch import run_group
+
+# `dvc repro hello` of a one-stage dvc.yaml in a fresh `git init` + `dvc init`, as DVC 3.67.1
+# printed it (captured with `cat -A`; ^I is a tab), then a second run of the same stage.
+DVC_RAN = [
+    "Running stage 'hello':",
+    "> echo hi > out.txt",
+    "Generating lock file 'dvc.lock'",
+    "Updating lock file 'dvc.lock'",
+    "",
+    "To track the changes with git, run:",
+    "",
+    "\tgit add dvc.lock .gitignore",
+    "",
+    "To enable auto staging, run:",
+    "",
+    "\tdvc config core.autostage true",
+    "Use `dvc push` to send your updates to remote storage.",
+]
+DVC_SKIPPED = ["Stage 'hello' didn't change, skipping", "Data and pipelines are up to date."]
+
+
+def shown(lines: list[str]) -> list[str]:
+    keep = LogFilter()
+    return [s for s in map(keep, lines) if s is not None]
+
+
+def test_dvc_hints_are_dropped_and_the_stage_line_kept():
+    assert shown(DVC_RAN) == ["Running stage 'hello':", "> echo hi > out.txt"]
+    assert shown(DVC_SKIPPED) == ["Stage 'hello' didn't change, skipping"]
+
+
+def test_stage_output_after_a_hint_is_kept_and_its_timestamp_cut():
+    lines = [
+        "To enable auto staging, run:",
+        "",
+        "\tdvc config core.autostage true",
+        "2026-12-02 02:57:07,123 INFO pipeline.stages.pretrain: step 10 loss 2.31",
+        "\tan indented line of a stage's own output",
+        "a date 2026-12-02 02:57:07,123 inside a message stays",
+    ]
+    assert shown(lines) == [
+        "INFO pipeline.stages.pretrain: step 10 loss 2.31",
+        "\tan indented line of a stage's own output",
+        "a date 2026-12-02 02:57:07,123 inside a message stays",
+    ]
+
+
+def dvc_project(tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """A one-stage DVC project in `tmp_path` whose stage logs as the stages do; (dvc, env)."""
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid"}
+    for argv in (["git", "init", "-q"], [dvc, "init", "-q"]):
+        subprocess.run(argv, cwd=tmp_path, env=env, check=True, timeout=120)
+    (tmp_path / "stage.py").write_text(
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stderr,\n"
+        "    format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
+        "logging.getLogger('pipeline.stages.hello').info('made it')\n"
+        "open('out.txt', 'w').write('hi')\n"
+    )
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  hello:\n    cmd: python stage.py\n    deps:\n      - stage.py\n"
+        "    outs:\n      - out.txt\n"
+    )
+    return dvc, env
+
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="`dvc init` needs git")
+
+
+@needs_git
+def test_a_real_dvc_repro_streams_only_the_stage_lines(tmp_path: Path):
+    """A real `dvc repro` run twice through `run_group` with the flow's filter: the log
+    gets the stage line (ran, then skipped) and the stage's output, none of DVC's hints."""
+    dvc, env = dvc_project(tmp_path)
+    logs: list[list[str]] = []
+    printed: list[list[str]] = []
+    for _ in range(2):
+        keep, logged = LogFilter(), []
+        code, lines = run_group(
+            [dvc, "repro", "hello"], tmp_path, env, lambda s, k=keep, o=logged: o.append(k(s))
+        )
+        assert code == 0, lines
+        printed.append(lines)
+        logs.append([s for s in logged if s is not None])
+    assert any("autostage" in line for line in printed[0])  # DVC did print its hints
+    assert logs[0] == [
+        "Running stage 'hello':",
+        "> python stage.py",
+        "INFO pipeline.stages.hello: made it",
+    ]
+    assert logs[1] == ["Stage 'hello' didn't change, skipping"]
+
+
+@pytest.mark.slow
+@needs_git
+def test_the_flow_log_of_a_real_dvc_repro_has_no_hints(tmp_path: Path, prefect_api: str):
+    """`stream_command` in a real Prefect flow run; its log, read back from the Prefect API,
+    has the stage line and the stage's message with no second timestamp, and no hint."""
+    from fault_helpers import flow_run_logs
+    from prefect import flow
+    from prefect.logging.handlers import APILogWorker
+    from prefect.runtime import flow_run
+
+    dvc, env = dvc_project(tmp_path)
+
+    @flow(name="terminal-test")
+    def repro() -> str:
+        code, _ = stream_command([dvc, "repro", "hello"], tmp_path, env, "hello")
+        assert code == 0
+        return str(flow_run.id)
+
+    run_id = repro()
+    APILogWorker.drain_all(timeout=30)  # the logs reach the API in background batches
+    logs = flow_run_logs(run_id).splitlines()
+    assert "hello | Running stage 'hello':" in logs, logs
+    assert "hello | INFO pipeline.stages.hello: made it" in logs, logs
+    assert not [x for x in logs if "git add" in x or "autostage" in x or "dvc push" in x]
+
+
+def render(result: dict, push: bool = True) -> str:
+    """What `lmforge run` prints at its end, as plain text (no terminal needed)."""
+    console = Console(record=True, width=140, file=io.StringIO(), color_system=None)
+    print_run_end(console, result, "sqlite:///mlruns.db", push)
+    return console.export_text()
+
+
+def write_report(reports: Path, stage: str, report: dict) -> None:
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / f"{stage}.json").write_text(json.dumps(report))
+
+
+def test_the_end_of_run_table_then_where_to_look(tmp_path: Path):
+    """Rows from the reports on disk: a real-text run has no story-world KL, so the row is
+    absent; the figures it has are shown, formatted; the where-to-look block follows."""
+    reports = tmp_path / "reports"
+    write_report(reports, "evaluate", {"test": {"bits_per_byte": 2.12834}, "task_accuracy": 0.0})
+    write_report(reports, "pretrain", {"train_loss": 1.5, "val_bpb": 2.0961, "tokens_seen": 123456})
+    result = {
+        "stages": [
+            {
+                "stage": "pretrain",
+                "status": "ran",
+                "seconds": 448.2,
+                "metrics": key_metrics(reports, "pretrain"),
+            },
+            {
+                "stage": "evaluate",
+                "status": "skipped (unchanged)",
+                "seconds": 1.3,
+                "metrics": key_metrics(reports, "evaluate"),
+            },
+        ],
+        "mlflow_parent_run_id": "abc123",
+        "dvc_experiment": "exp-1",
+        "dvc_pushed": False,
+    }
+    assert result["stages"][1]["metrics"]["KL bits/byte (story world)"] is None
+    text = render(result)
+    assert "KL bits/byte" not in text and "None" not in text and "n/a" not in text
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line}
+    assert {"pretrain", "evaluate"} <= set(rows)
+    assert "ran" in rows["pretrain"] and "448.2" in rows["pretrain"]
+    assert "skipped (unchanged)" in rows["evaluate"] and "test bits/byte: 2.128" in text
+    assert "tokens: 123,456" in text and "val bits/byte: 2.096" in text
+    table_end = max(i for i, line in enumerate(text.splitlines()) if "└" in line or "─" in line)
+    look = text.splitlines().index("Where to look:")
+    assert look > table_end
+    assert "parent run abc123" in text and "experiment exp-1" in text
+    assert "NOT pushed" in text
+
+
+def test_the_story_world_kl_is_shown_when_it_applies(tmp_path: Path):
+    reports = tmp_path / "reports"
+    write_report(
+        reports,
+        "evaluate",
+        {
+            "test": {"bits_per_byte": 0.324},
+            "source_kl": {"storyworld": {"kl_bits_per_byte": 0.062}},
+        },
+    )
+    stage = {
+        "stage": "evaluate",
+        "status": "ran",
+        "seconds": 121,
+        "metrics": key_metrics(reports, "evaluate"),
+    }
+    text = render({"stages": [stage]}, push=False)
+    assert "KL bits/byte (story world): 0.062" in text and "121.0" in text
+    assert "task accuracy" not in text  # absent from this report
+    assert "Remote:" not in text and "MLflow:  mlflow ui --backend-store-uri sqlite" in text
+
+
+def test_the_gx_artifact_marks_sampled_checks_that_do_not_decide(tmp_path: Path):
+    reports = tmp_path / "reports"
+    row = {"suite": "rows", "expectation": "e", "column": "text", "kwargs": {}}
+    gate = {
+        "success": True,
+        "expectations": [
+            {**row, "success": False, "decides": False, "unexpected_percent": 2.5},
+            {**row, "success": False, "decides": True, "unexpected_percent": 1.0},
+        ],
+    }
+    write_report(reports, "validate", {"gate": gate})
+    rows = gx_markdown(reports).splitlines()[-2:]
+    assert "| no (sample; the exact share decides) | 2.5 |" in rows[0]
+    assert "| **no** | 1 |" in rows[1]
