@@ -21,7 +21,7 @@ import pytest
 import requests
 import yaml
 from botocore.exceptions import ClientError
-from stack_helpers import BIN, Stack, alive, git, lmforge, stack_processes
+from stack_helpers import BIN, Stack, alive, clean_env, git, lmforge, stack_processes
 
 from pipeline.config import load_config
 from pipeline.core.names import STAGES
@@ -276,6 +276,23 @@ def test_mlflow_on_postgresql_holds_the_runs_and_s3_the_model(
     keys = [o["Key"] for o in _objects(stack, "mlflow", "artifacts/")]
     model_keys = [k for k in keys if f"/models/{model_id}/" in k]
     assert any(k.endswith("/MLmodel") for k in model_keys), [k for k in keys if "MLmodel" in k]
+
+
+def test_generate_serves_the_champion_from_the_stack(stack: Stack) -> None:
+    """`lmforge generate` with stack.env's MLflow variables loads the champion.
+
+    Through the authenticated server only: the client gets the MLflow variables of
+    stack.env and no S3 keys, so the model's files (objects in the `mlflow` bucket) must
+    come through the server's artifact proxy; the registered decoding defaults apply.
+    """
+    if "parent" not in FLOW_RUN:
+        pytest.skip("needs the registered champion (the tests above)")
+    mlflow_only = {k: v for k, v in stack.env.items() if k.startswith("MLFLOW_")}
+    env = clean_env() | mlflow_only
+    done = lmforge(stack.root, "generate", "once upon a time", env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (line,) = [x for x in done.stdout.splitlines() if x.strip()]
+    assert line.startswith("once upon a time") and len(line) > len("once upon a time"), line
 
 
 def psql(stack: Stack, database: str, query: str) -> list[str]:
