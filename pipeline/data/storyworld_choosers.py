@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -22,7 +23,7 @@ class NoDerivation(Exception):
     """The text being scored leaves the grammar."""
 
 
-class Chooser:
+class Chooser(ABC):
     """Makes the program's choices; subclasses pick the option, this class scores it.
 
     One scoring formula for sampling, parsing and enumeration, so their log-probs agree
@@ -38,8 +39,9 @@ class Chooser:
         self.logp += -math.log(n) if weights is None else math.log(weights[i] / sum(weights))
         return options[i]
 
+    @abstractmethod
     def _index(self, key: str, options: Sequence[Any], weights: Sequence[float] | None) -> int:
-        raise NotImplementedError
+        """The index of the option this chooser takes at `key`."""
 
 
 class Sampler(Chooser):
