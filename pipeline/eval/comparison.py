@@ -18,6 +18,7 @@ from pipeline.config import Config
 from pipeline.core.markdown import table
 from pipeline.core.plots import bar_chart_png
 from pipeline.eval.flatness import flatness_measures
+from pipeline.eval.report import FLATNESS_HEADER, converged_cell, flatness_cells
 from pipeline.eval.sharpness import flatness_verdict
 from pipeline.model.gpt import GPT
 from pipeline.train.finetune import Data
@@ -57,19 +58,16 @@ def comparison_report(
 
 def comparison_markdown(results: dict[str, dict[str, Any]], chosen: str) -> str:
     """The comparison table, then what its numbers show (`flatness_verdict`), as bullets."""
-    header = ["method", "held-out answer loss", "task accuracy", "epsilon-sharpness"]
-    header += ["largest Hessian eig.", "smallest Hessian eig."]
+    header = ["method", "held-out answer loss", "task accuracy", *FLATNESS_HEADER]
     header += ["Lanczos residuals (largest, smallest)", "converged"]
     rows = [
         [
             f"{m} (moves on)" if m == chosen else m,
             f"{r['answer_loss']:.4f}",
             f"{r['task_accuracy']:.3f}",
-            f"{r['sharpness']:.4g}",
-            f"{r['hessian_max_eig']:.4g}",
-            f"{r['hessian_min_eig']:.4g}",
+            *flatness_cells(r),
             f"{r['hessian_max_residual']:.2g}, {r['hessian_min_residual']:.2g}",
-            "yes" if r["hessian_converged"] else "no",
+            converged_cell(r),
         ]
         for m, r in results.items()
     ]

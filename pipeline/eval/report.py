@@ -63,18 +63,22 @@ def _kl_section(source_kl: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
+FLATNESS_HEADER = ["epsilon-sharpness", "largest Hessian eig.", "smallest Hessian eig."]
+
+
+def flatness_cells(r: dict[str, Any]) -> list[str]:
+    """The FLATNESS_HEADER cells of one method's measures (`pipeline/eval/flatness.py`)."""
+    return [f"{r[k]:.4g}" for k in ("sharpness", "hessian_max_eig", "hessian_min_eig")]
+
+
+def converged_cell(r: dict[str, Any]) -> str:
+    return "yes" if r["hessian_converged"] else "no"
+
+
 def _sharpness_section(sharpness: dict[str, dict[str, Any]], flatness: list[str]) -> list[str]:
-    header = ["method", "test loss", "epsilon-sharpness", "largest Hessian eig."]
-    header += ["smallest Hessian eig.", "converged"]
+    header = ["method", "test loss", *FLATNESS_HEADER, "converged"]
     rows = [
-        [
-            m,
-            f"{r['test_loss']:.4f}",
-            f"{r['sharpness']:.4g}",
-            f"{r['hessian_max_eig']:.4g}",
-            f"{r['hessian_min_eig']:.4g}",
-            "yes" if r["hessian_converged"] else "no",
-        ]
+        [m, f"{r['test_loss']:.4f}", *flatness_cells(r), converged_cell(r)]
         for m, r in sharpness.items()
     ]
     return ["", "## Sharpness of the fine-tuned weights", "", *table(header, rows), ""] + [

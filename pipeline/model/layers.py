@@ -22,6 +22,9 @@ from torch.nn import functional as F
 
 from pipeline.model.config import GPTConfig
 
+# (cos, sin) of the rotary angles, each (T, hs/2): what `rope_tables` returns
+Rope = tuple[Tensor, Tensor]
+
 # --------------------------------------------------------------------------------------
 # Positional encodings
 # --------------------------------------------------------------------------------------
@@ -38,7 +41,7 @@ def sinusoidal_table(block_size: int, n_embd: int) -> Tensor:
     return pe.float()  # computed in float64 so large positions stay accurate
 
 
-def rope_tables(block_size: int, head_size: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+def rope_tables(block_size: int, head_size: int, base: float = 10000.0) -> Rope:
     """cos and sin of the RoPE angles pos·θ_i with θ_i = base^(-2i/hs), each (T, hs/2)."""
     theta = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
     angle = torch.arange(block_size, dtype=torch.float64).unsqueeze(1) * theta  # (T, hs/2)
@@ -159,13 +162,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.use_sdpa = True  # False: the explicit formula in attention_reference
 
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor] | None = None,
-        cache: KVCache | None = None,
-        layer: int = 0,
-    ) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope | None, cache: KVCache | None, layer: int) -> Tensor:
         B, T, C = x.size()  # batch, sequence length, n_embd
         pos0 = 0 if cache is None else cache.length  # T_past: positions already cached
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, C) each
@@ -217,13 +214,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor] | None = None,
-        cache: KVCache | None = None,
-        layer: int = 0,
-    ) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope | None, cache: KVCache | None, layer: int) -> Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache, layer)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x

@@ -61,3 +61,13 @@ def stage_main(name: str, run: Callable[[Config], dict[str, Any]], argv: list[st
         return EXIT_TRANSIENT
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return 0
+
+
+def stage_entry(name: str, run: Callable[[Config], dict[str, Any]]) -> Callable[..., int]:
+    """The `main(argv=None) -> int` of pipeline/stages/<name>.py: `stage_main(name, run, argv)`."""
+
+    def main(argv: list[str] | None = None) -> int:
+        return stage_main(name, run, argv)
+
+    main.__doc__ = f"`dvc repro {name}`; by hand `python -m pipeline.stages.{name} --set k=v`."
+    return main

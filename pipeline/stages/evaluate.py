@@ -53,7 +53,7 @@ from pipeline.eval.report import flat_numbers, markdown
 from pipeline.eval.scoring import source_kl, test_scores
 from pipeline.eval.sharpness import flatness_verdict
 from pipeline.model.load import load_model
-from pipeline.ops.stage_runner import stage_main
+from pipeline.ops.stage_runner import stage_entry
 from pipeline.text.shards import check_text_bytes, read_meta, read_shard
 from pipeline.text.tokenizer import load_tokenizer, token_byte_lengths
 
@@ -122,9 +122,8 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv)
-
+# `dvc repro evaluate`; by hand `python -m pipeline.stages.evaluate --set k=v`
+main = stage_entry(STAGE, run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

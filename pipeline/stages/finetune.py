@@ -45,7 +45,7 @@ from pipeline.eval.comparison import (
     comparison_report,
     measure,
 )
-from pipeline.ops.stage_runner import stage_main
+from pipeline.ops.stage_runner import stage_entry
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.finetune import (
     METHODS,
@@ -101,9 +101,8 @@ def run(cfg: Config) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv)
-
+# `dvc repro finetune`; by hand `python -m pipeline.stages.finetune --set k=v`
+main = stage_entry(STAGE, run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

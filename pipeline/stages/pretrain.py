@@ -40,7 +40,7 @@ import torch
 from pipeline.config import Config
 from pipeline.core.names import shard_file
 from pipeline.core.plots import loss_curve_png
-from pipeline.ops.stage_runner import stage_main
+from pipeline.ops.stage_runner import stage_entry
 from pipeline.train import distributed as dist_utils
 from pipeline.train.loop import STAGE, build, fit
 from pipeline.train.outputs import report_path, write_outputs
@@ -93,9 +93,8 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv)
-
+# `dvc repro pretrain` (torchrun); one process: `python -m pipeline.stages.pretrain`
+main = stage_entry(STAGE, run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -28,7 +28,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.core.io import atomic_write_json
 from pipeline.core.names import REGISTER_VERSION, report_json, split_parquet
-from pipeline.ops.stage_runner import stage_main
+from pipeline.ops.stage_runner import stage_entry
 from pipeline.serve.gate import check_gate, gate_metrics, read_json, why_not
 from pipeline.serve.publish import STAGE, register
 
@@ -83,9 +83,8 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv)
-
+# `dvc repro register`; by hand `python -m pipeline.stages.register --set k=v`
+main = stage_entry(STAGE, run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -32,7 +32,7 @@ from pipeline.core.names import (
     split_parquet,
 )
 from pipeline.data.synthetic import STAGE, read_split, story_world, synthesize_into
-from pipeline.ops.stage_runner import stage_main
+from pipeline.ops.stage_runner import stage_entry
 from pipeline.ops.tracking import SPLIT_CONTEXT, start_run
 
 
@@ -69,9 +69,8 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv)
-
+# `dvc repro synthesize`; by hand `python -m pipeline.stages.synthesize --set k=v`
+main = stage_entry(STAGE, run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

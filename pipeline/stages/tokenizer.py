@@ -30,7 +30,7 @@ from pipeline.config import Config
 from pipeline.core.io import atomic_dir, atomic_write_json
 from pipeline.core.names import META_FILE, TOKENIZER_FILE, report_json, shard_file
 from pipeline.data.texts import ParquetTexts
-from pipeline.ops.stage_runner import stage_main
+from pipeline.ops.stage_runner import stage_entry
 from pipeline.ops.tracking import SPLIT_CONTEXT, start_run
 from pipeline.text.encode import STAGE, build_report, input_paths, tokenize_into
 
@@ -64,9 +64,8 @@ def run(cfg: Config) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv)
-
+# `dvc repro tokenizer`; by hand `python -m pipeline.stages.tokenizer --set k=v`
+main = stage_entry(STAGE, run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -38,7 +38,7 @@ from pipeline.core.seeding import derive_seed
 from pipeline.data.clean import SPLITS, CorpusScan
 from pipeline.data.expectations import GateResult, GateThresholds, run_gate
 from pipeline.data.ingest import SCHEMA, iter_corpus
-from pipeline.ops.stage_runner import stage_main
+from pipeline.ops.stage_runner import stage_entry
 from pipeline.ops.tracking import SPLIT_CONTEXT, start_run
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,8 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv)
-
+# `dvc repro validate`; by hand `python -m pipeline.stages.validate --set k=v`
+main = stage_entry(STAGE, run)
 
 if __name__ == "__main__":
     raise SystemExit(main())
