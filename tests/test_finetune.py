@@ -125,6 +125,62 @@ def test_compare_runs_every_method_from_the_same_start(pretrained):
         assert (f" {method} (" in negative) == beyond_rounding, (method, r, negative)
 
 
+def test_mlflow_gets_the_loss_curves_and_the_parent_the_comparison(
+    pretrained, tmp_path, monkeypatch
+):
+    """The finetune run: plots/ with each method's loss curve and the comparison bars;
+    the pipeline's parent run: the comparison bars too."""
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("matplotlib")
+    from pipeline.core import plots
+    from pipeline.ops import tracking
+
+    monkeypatch.chdir(tmp_path)  # the sqlite store puts artifacts under ./mlruns
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = cfg_for(
+        pretrained,
+        "finetune.compare=true",
+        "finetune.max_steps=4",  # the charts need a few steps, not a useful fine-tune
+        "finetune.hessian_iters=2",
+        "tracking.enabled=true",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "tracking.experiment=ft-plots",
+    )
+    drawn = {}  # file name -> {line label: x data}, read off each figure as it is saved
+    real_save = plots.save_png
+
+    def spy(fig, path):
+        lines = [ln for ax in fig.axes for ln in ax.get_lines()]
+        drawn[path.name] = {ln.get_label(): list(ln.get_xdata()) for ln in lines}
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "save_png", spy)
+    parent = tracking.open_parent_run(cfg, "lm-pipeline", {})
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
+    finetune.run(cfg)
+
+    steps = list(range(cfg.finetune.max_steps))
+    expected = {f"{m} train loss": steps for m in ft.METHODS}
+    expected |= {f"{m} held-out loss": [steps[-1]] for m in ft.METHODS}
+    assert drawn["finetune_loss.png"] == expected
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    (child,) = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent}'",
+    )
+    child_id = child.info.run_id
+
+    def pngs(run_id: str) -> set[str]:
+        found = {a.path for a in client.list_artifacts(run_id, "plots")}
+        for name in found:  # each a real PNG, not an empty or text file
+            local = Path(client.download_artifacts(run_id, name, str(tmp_path)))
+            assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        return found
+
+    assert pngs(child_id) == {"plots/finetune_loss.png", "plots/finetune_compare.png"}
+    assert pngs(parent) == {"plots/finetune_compare.png"}
+
+
 def test_comparison_markdown_states_flatter_and_not_flatter():
     """The sentences under the table come from the numbers in it, whichever way they point."""
 

@@ -80,6 +80,29 @@ def test_runs_carry_the_tags_the_mlflow_ui_shows(tracked, monkeypatch):
     assert "| method | a\\|b |" in note  # a summary value cannot break the table
 
 
+def test_artifact_on_parent_goes_to_the_parent_only_when_there_is_one(
+    tracked, monkeypatch, tmp_path
+):
+    monkeypatch.chdir(tmp_path)  # the sqlite store puts artifacts under ./mlruns
+    chart = tmp_path / "compare.png"
+    chart.write_bytes(b"\x89PNG\r\n\x1a\n")
+    parent = tracking.open_parent_run(tracked, "lm-pipeline", {})
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
+    with tracking.start_run(tracked, "finetune") as t:
+        assert t.parent_id == parent
+        t.log_artifact_on_parent(chart, "plots")
+        child = t.run_id
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV)
+    with tracking.start_run(tracked, "finetune") as t:  # by hand: no parent, nothing logged
+        t.log_artifact_on_parent(chart, "plots")
+        orphan = t.run_id
+    tracking.Tracker().log_artifact_on_parent(chart, "plots")  # tracking off: a no-op
+
+    client = mlflow.MlflowClient(tracking.tracking_uri(tracked))
+    assert [a.path for a in client.list_artifacts(parent, "plots")] == ["plots/compare.png"]
+    assert client.list_artifacts(child) == [] and client.list_artifacts(orphan) == []
+
+
 def test_new_experiment_is_created_of_the_training_kind(tracked):
     tracking.open_parent_run(tracked, "lm-pipeline", {})
     client = mlflow.MlflowClient(tracking.tracking_uri(tracked))

@@ -4,7 +4,8 @@
 `comparison_report` is `reports/finetune.json`, ending with sentences generated from the
 numbers that say whether each method is flatter than adamw, or NOT, by each measure
 (`flatness_verdict`); `comparison_markdown` is `reports/finetune.md`; `comparison_chart`
-draws the bar chart of the `PLOTTED` numbers for MLflow.
+draws the bar chart of the `PLOTTED` numbers for MLflow, and `loss_chart` every method's
+training loss curve.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.core.markdown import table
-from pipeline.core.plots import bar_chart_png
+from pipeline.core.plots import bar_chart_png, loss_curve_png
 from pipeline.eval.flatness import flatness_measures
 from pipeline.eval.report import FLATNESS_HEADER, converged_cell, flatness_cells
 from pipeline.eval.sharpness import flatness_verdict
@@ -81,3 +82,18 @@ def comparison_chart(results: dict[str, dict[str, Any]], path: Path) -> Path | N
     """A bar chart of the `PLOTTED` numbers per method at `path`; None without matplotlib."""
     plotted = {m: {k: r[k] for k in PLOTTED} for m, r in results.items()}
     return bar_chart_png(plotted, path)
+
+
+def loss_chart(
+    histories: dict[str, list[dict[str, float]]], results: dict[str, dict[str, Any]], path: Path
+) -> Path | None:
+    """Each method's train loss per step, then its held-out loss; None without matplotlib.
+
+    The held-out point (`answer_loss`) is of the final weights, at the last step: for the
+    SWA methods those are the average, so it can sit apart from the curve of the live ones.
+    """
+    curves = {
+        m: [*h[:-1], {**h[-1], "val_loss": results[m]["answer_loss"]}] if h else []
+        for m, h in histories.items()
+    }
+    return loss_curve_png(curves, path, "fine-tuning loss", "held-out loss")

@@ -137,10 +137,12 @@ def git_commit(root: Path) -> tuple[str, bool]:
 
 
 class Tracker:
-    """Logging facade for one MLflow run; every method is a no-op when `run_id` is None."""
+    """Logging facade for one MLflow run (child of `parent_id`); no-op when `run_id` is None."""
 
-    def __init__(self, client: Any = None, run_id: str | None = None) -> None:
-        self.client, self.run_id = client, run_id
+    def __init__(
+        self, client: Any = None, run_id: str | None = None, parent_id: str | None = None
+    ) -> None:
+        self.client, self.run_id, self.parent_id = client, run_id, parent_id
         self._pending: list[Any] = []
 
     @property
@@ -210,6 +212,11 @@ class Tracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
         elif path.is_file():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifact_on_parent(self, path: Path, artifact_path: str | None = None) -> None:
+        """`log_artifact` onto the pipeline's parent run (its overview); no-op without one."""
+        if self.active and self.parent_id:
+            Tracker(self.client, self.parent_id).log_artifact(path, artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.active:
@@ -284,7 +291,7 @@ def start_run(cfg: Config, stage: str, rank: int = 0) -> Iterator[Tracker]:
             client.get_run(parent).info.experiment_id if parent else _experiment_id(client, cfg)
         )
         run = client.create_run(experiment_id, run_name=stage, tags=_stage_tags(cfg, stage))
-    tracker = Tracker(client, run.info.run_id)
+    tracker = Tracker(client, run.info.run_id, parent)
     status = "FAILED"
     try:
         with server_errors(uri):

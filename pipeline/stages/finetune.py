@@ -18,13 +18,17 @@ followed by sentences generated from those numbers that say whether each method 
 than adamw, or NOT, by each measure (`flatness` in the JSON; pipeline/eval/comparison.py).
 The model of `finetune.method` moves on, in `paths.finetune/model.safetensors`; with
 compare, every method's weights are kept in `paths.finetune/methods/<method>/` for
-evaluation.
+evaluation. In MLflow the run's `plots/` has each method's training loss curve on one
+chart, ending at its held-out loss, and the comparison chart, which also goes onto the
+pipeline's parent run when the stage runs under the flow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, save_resolved
@@ -43,6 +47,7 @@ from pipeline.eval.comparison import (
     comparison_chart,
     comparison_markdown,
     comparison_report,
+    loss_chart,
     measure,
 )
 from pipeline.ops.stage_runner import stage_entry
@@ -69,11 +74,13 @@ def run(cfg: Config) -> dict[str, Any]:
     data = load_data(cfg, gcfg, device)
     methods = list(METHODS) if f.compare else [f.method]
     results: dict[str, dict[str, Any]] = {}
+    histories: dict[str, list[dict[str, float]]] = {}  # method -> per-step train loss
     with start_run(cfg, STAGE) as tracker:
         tracker.log_params({"seed": cfg.seed, STAGE: dataclasses.asdict(f)})
         with atomic_dir(cfg.path("finetune")) as out:
             for method in methods:
-                model = train_method(method, cfg, gcfg, weights, data, device)
+                histories[method] = []
+                model = train_method(method, cfg, gcfg, weights, data, device, histories[method])
                 results[method] = measure(model, data, cfg)
                 log.info("finetune[%s]: %s", method, results[method])
                 if method == f.method:
@@ -94,6 +101,12 @@ def run(cfg: Config) -> dict[str, Any]:
         png = comparison_chart(results, reports / PLOTS_DIR / "finetune_compare.png")
         if png:
             tracker.log_artifact(png, "plots")
+            tracker.log_artifact_on_parent(png, "plots")  # the pipeline's overview shows it
+        if tracker.active:  # the loss curves are for MLflow only: no DVC output, no file kept
+            with tempfile.TemporaryDirectory() as tmp:
+                png = loss_chart(histories, results, Path(tmp) / "finetune_loss.png")
+                if png:
+                    tracker.log_artifact(png, "plots")
         synth = cfg.path("synthetic")  # the fine-tuning set: trained on, and held out
         tracker.log_dataset(synth / FINETUNE_TRAIN, "finetune-train", SPLIT_CONTEXT["train"])
         tracker.log_dataset(synth / FINETUNE_TEST, "finetune-test", SPLIT_CONTEXT["test"])

@@ -210,9 +210,19 @@ def _step(
 
 
 def train_method(
-    method: str, cfg: Config, gcfg: GPTConfig, weights: dict, data: Data, device: torch.device
+    method: str,
+    cfg: Config,
+    gcfg: GPTConfig,
+    weights: dict,
+    data: Data,
+    device: torch.device,
+    history: list[dict[str, float]] | None = None,
 ) -> GPT:
-    """Fine-tune a fresh copy of the pretrained model with one method; return the result."""
+    """Fine-tune a fresh copy of the pretrained model with one method; return the result.
+
+    `history`, when given, gets one {"step", "loss"} row per step (the loss at w, with the
+    replay term when there is one): the method's curve on the stage's loss chart.
+    """
     f = cfg.finetune
     # The same dropout masks for every method, so only the method differs.
     torch.manual_seed(derive_seed(cfg.seed, SEED_SCOPE, "dropout") % 2**63)
@@ -232,7 +242,10 @@ def train_method(
         replay = data.replay_batch(step) if data.replay_batch else None
         pending.append(_step(model, opt, f, batch, replay).detach())
         if len(pending) == CHECK_EVERY or step == f.max_steps - 1:
-            check_finite(method, step + 1 - len(pending), pending)  # one host sync
+            first = step + 1 - len(pending)
+            values = check_finite(method, first, pending)  # one host sync
+            if history is not None:
+                history.extend({"step": first + i, "loss": v} for i, v in enumerate(values))
             pending = []
         if in_swa:
             opt.averaged.update_parameters(model)
@@ -244,13 +257,15 @@ def train_method(
     return model
 
 
-def check_finite(method: str, first_step: int, losses: list[torch.Tensor]) -> None:
-    """Raise naming the first step whose loss is NaN/inf; `losses` are steps from first_step.
+def check_finite(method: str, first_step: int, losses: list[torch.Tensor]) -> list[float]:
+    """`losses` (of the steps from `first_step` on) as floats; raise at a NaN/inf one.
 
-    Checked every `CHECK_EVERY` steps rather than every step: reading a loss on the host
-    waits for the GPU, which then idles while the next step is queued.
+    The error names the first step whose loss is not finite. Checked every `CHECK_EVERY`
+    steps rather than every step: reading a loss on the host waits for the GPU, which then
+    idles while the next step is queued.
     """
     values = torch.stack(losses).tolist()
     for i, value in enumerate(values):
         if not math.isfinite(value):
             raise LmforgeError(f"finetune[{method}]: loss is {value} at step {first_step + i}")
+    return values
