@@ -43,6 +43,7 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from flows import artifacts
+from flows.stage_line import stage_line
 from flows.streaming import stream_command
 from pipeline.config import load_config
 from pipeline.config.params_file import apply_to_params
@@ -175,15 +176,17 @@ def repro_stage(stage: str, root: str, reports: str, env: dict[str, str]) -> dic
 
     DVC runs in its own process group; if this process is told to stop (a cancelled flow
     run's SIGTERM, Ctrl-C), the group gets SIGTERM and is waited for, so pretrain saves a
-    checkpoint (`stream_command`).
+    checkpoint (`stream_command`). On a terminal, the stage's progress lines redraw one
+    line instead of printing (`stage_line`); the log keeps them.
     """
     t0 = time.perf_counter()
     record = exit_record_path(root, stage)
     record.unlink(missing_ok=True)  # only this attempt's record may speak for it
-    code, lines = stream_command(["dvc", "repro", stage], root, env, stage)
-    if code != 0:
-        tail = "\n".join(lines[-30:])
-        raise StageFailed(stage, stage_exit_code(code, lines, read_exit_record(root, stage)), tail)
+    with stage_line(stage):  # raising inside marks the line failed
+        code, lines = stream_command(["dvc", "repro", stage], root, env, stage)
+        if code != 0:
+            exit_code = stage_exit_code(code, lines, read_exit_record(root, stage))
+            raise StageFailed(stage, exit_code, "\n".join(lines[-30:]))
     ran = any(f"Running stage '{stage}'" in line for line in lines)
     return {
         "stage": stage,

@@ -8,12 +8,13 @@ import os
 import pty
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from pipeline.core.progress import Progress
+from pipeline.core.progress import Progress, ProgressLine, parse_line
 
 LINE = re.compile(
     r"(?P<what>[^:]+): (?P<done>[\d.]+) docs / (?P<total>[\d.]+k?) docs \((?P<pct>\d+)%\), "
@@ -114,6 +115,59 @@ def test_bytes_and_untotalled_work(caplog: pytest.LogCaptureFixture) -> None:
         "3.0 MB at 0.75 MB/s (done)",
         "scan: 2.00kB, 500B/s, 4.0s elapsed (done)",
     ]
+
+
+def test_every_log_line_parses_back_to_the_fields_it_was_printed_from(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Round trip: `parse_line` of each line logged gives the `snapshot()` it came from,
+    whatever the name (with ": " and ", " in it), unit ("B" after a "k"), bytes, a total
+    or none, no progress yet (ETA "?"), a resumed start, overshoot, and the "(done)" line."""
+    caplog.set_level(logging.INFO, logger="lmforge.progress")
+    clock, plain = FakeClock(), plain_console()
+    bars = [  # every=0: a line at every update
+        Progress("tokenizer: train BPE, read train", 2500, " docs", 0, clock=clock, console=plain),
+        Progress("validate: scanned", unit="B", every=0, clock=clock, console=plain),
+        Progress("pretrain", 1000, " steps", 0, clock=clock, console=plain),
+        Progress("finetune[swa]", 40, every=0, clock=clock, console=plain),
+    ]
+    bars[2].done = 300  # resumed from a checkpoint
+    expected: list[ProgressLine] = []
+    for t, n in [(0.0, 0), (1.5, 7), (3.0, 1234.5), (20.0, 2_000_000)]:
+        clock.now = t
+        for bar in bars:
+            bar.update(n, n_bytes=3 * int(n) if bar.unit == "B" else 0)
+            expected.append(bar.snapshot())
+    for bar in bars:
+        bar.close()
+        expected.append(replace(bar.snapshot(), final=True))
+    lines = progress_lines(caplog)
+    assert len(lines) == len(expected) == 20
+    assert [parse_line(line) for line in lines] == expected
+    assert [f.line() for f in expected] == lines
+    assert {"?", None, "534s", "3s"} <= {f.eta for f in expected}
+    assert any(f.mb for f in expected) and any(f.eta and f.eta.startswith("-") for f in expected)
+
+
+def test_the_eta_in_seconds() -> None:
+    fields = ProgressLine("pretrain", "120", " steps", "3.00", "35.0", "1.00k", "12", "40s")
+    assert fields.eta_seconds() == 40.0
+    assert replace(fields, eta="?").eta_seconds() is None
+    assert replace(fields, total=None, pct=None, eta=None).eta_seconds() is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "step 10 loss 2.31",
+        "pretrain: 120 steps / 1.00k steps (12%), ETA 40s",
+        "pretrain: 120 steps / 1.00k widgets (12%), ETA 40s, 3.00 steps/s, 35.0s elapsed",
+        "INFO lmforge.progress: pretrain: 5 steps, 1 steps/s, 5.0s elapsed trailing",
+        "",
+    ],
+)
+def test_other_text_is_not_a_progress_line(text: str) -> None:
+    assert parse_line(text) is None
 
 
 def test_terminal_gets_one_bar_redrawn_in_place(caplog: pytest.LogCaptureFixture) -> None:

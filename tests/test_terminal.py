@@ -1,5 +1,5 @@
 """What `lmforge run` shows on the terminal: DVC's hints kept out, one timestamp per line,
-and the end-of-run summary table.
+one progress line per stage redrawn in place, and the end-of-run summary table.
 
     .venv/bin/python -m pytest tests/test_terminal.py -q
 """
@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from flows.artifacts import gx_markdown, key_metrics, print_run_end
+from flows.stage_line import stage_line
 from flows.streaming import LogFilter, stream_command
+from pipeline.core.progress import Progress
 from pipeline.ops.launch import run_group
 
 # `dvc repro hello` of a one-stage dvc.yaml in a fresh `git init` + `dvc init`, as DVC 3.67.1
@@ -138,6 +143,161 @@ def test_the_flow_log_of_a_real_dvc_repro_has_no_hints(tmp_path: Path, prefect_a
     assert "hello | Running stage 'hello':" in logs, logs
     assert "hello | INFO pipeline.stages.hello: made it" in logs, logs
     assert not [x for x in logs if "git add" in x or "autostage" in x or "dvc push" in x]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorded(logging.Handler):
+    """What a handler off a terminal gets (the Prefect API log): every message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def flow_log(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """A logger like the task run's: a Prefect console handler (on a terminal when the
+    test is parametrized True, on a file when False) and a recording handler; (logger,
+    console output, recorded messages, the console handler)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    monkeypatch.setenv("TERM", "xterm-256color")  # not "dumb", whatever CI sets
+    buf = io.StringIO()
+    console = PrefectConsoleHandler(stream=buf)
+    console.console = Console(file=buf, force_terminal=request.param, width=120)
+    api = Recorded()
+    logger = logging.getLogger(f"lmforge.test.{request.node.name}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.handlers = [console, api]
+    yield logger, buf, api.messages, console
+    logger.handlers = []
+
+
+def stage_output() -> list[tuple[float, str]]:
+    """(time, line) of a pretrain stage as `stream_command` logs them: DVC's lines, then a
+    progress line every 10 s (200 steps each; `Progress` makes them, so the format is the
+    real one) with a warning in between, and the last one, "(done)"."""
+    clock = FakeClock()
+    plain = Console(file=io.StringIO(), force_terminal=False)
+    bar = Progress("pretrain", 1000, " steps", 10.0, clock=clock, console=plain)
+    out = [(0.0, "Running stage 'pretrain':"), (0.5, "> python -m pipeline.ops.launch ...")]
+    for t in (10.0, 20.0, 30.0, 40.0, 50.0):
+        clock.now = t
+        bar.update(200)
+        out.append((t, f"INFO lmforge.progress: {bar.line()}"))
+        if t == 20.0:
+            out.append((25.0, "WARNING pipeline.train.loop: val_loss rose"))
+    out.append((50.0, f"INFO lmforge.progress: {replace(bar.snapshot(), final=True).line()}"))
+    return out
+
+
+def feed(logger: logging.Logger, clock: FakeClock, label: str, timed: list[tuple[float, str]]):
+    for t, line in timed:
+        clock.now = t
+        logger.info("%s | %s", label, line)  # as `stream_command` logs a line
+
+
+CONTROL = re.compile(r"\x1b\[\??([\d;]*)([A-Za-z])|\r|\n|[^\x1b\r\n]+")
+
+
+def screen(output: str) -> list[str]:
+    """What a terminal shows once `output` is written: text, \\r, \\n, cursor up, erase
+    line; colours and the cursor's visibility do not matter here."""
+    rows, row, col = [""], 0, 0
+    for m in CONTROL.finditer(output):
+        token, code = m[0], m[2]
+        if token == "\n":
+            row, col = row + 1, 0
+            rows += [""] * (row + 1 - len(rows))
+        elif token == "\r":
+            col = 0
+        elif code == "K":
+            rows[row] = ""
+        elif code == "A":
+            row = max(row - int(m[1] or 1), 0)
+        elif code is None:
+            text = rows[row].ljust(col)
+            rows[row], col = text[:col] + token + text[col + len(token) :], col + len(token)
+    while rows and not rows[-1].strip():
+        rows.pop()
+    return [r.rstrip() for r in rows]
+
+
+def plain_text(output: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", output)
+
+
+@pytest.mark.parametrize("flow_log", [True], indirect=True)
+def test_a_terminal_gets_one_progress_line_redrawn_in_place(flow_log):
+    """The progress lines redraw one line (the last state stays, marked done); the other
+    lines print above it, once each; the log off the terminal still gets every line."""
+    logger, buf, recorded, console_handler = flow_log
+    clock = FakeClock()
+    timed = stage_output()
+    progress = [line for _, line in timed if "lmforge.progress: " in line]
+    assert len(progress) == 6 and progress[-1].endswith("(done)")
+    with stage_line("pretrain", logger, clock=clock, auto_refresh=False):
+        feed(logger, clock, "pretrain", timed)
+        assert "pretrain | Running stage 'pretrain':" in screen(buf.getvalue())
+    out = buf.getvalue()
+    assert screen(out) == [
+        "pretrain | Running stage 'pretrain':",
+        "pretrain | > python -m pipeline.ops.launch ...",
+        "pretrain | WARNING pipeline.train.loop: val_loss rose",
+        "pretrain ✓ 1.00k steps / 1.00k steps (100%) · 20 steps/s · 50s",
+    ]
+    drawn = plain_text(out)
+    # Each progress line redrew the line in place (a carriage return, an erase), and so
+    # did each line printed above it: there the ETA has counted down since the last one.
+    assert "pretrain ⠋ 0s" in drawn and out.count("\r\x1b[2K") >= len(timed)
+    assert "200 steps / 1.00k steps (20%) ETA 40s · 20 steps/s · 10s" in drawn
+    assert "400 steps / 1.00k steps (40%) ETA 25s · 20 steps/s · 25s" in drawn
+    assert "steps/s, " not in drawn, "a plain progress line reached the terminal"
+    assert recorded == [f"pretrain | {line}" for _, line in timed]  # the API log: all
+    assert console_handler.filters == []
+
+
+@pytest.mark.parametrize("flow_log", [False], indirect=True)
+def test_off_a_terminal_every_line_prints_as_before(flow_log):
+    logger, buf, recorded, console_handler = flow_log
+    clock = FakeClock()
+    timed = stage_output()
+    with stage_line("pretrain", logger, clock=clock, auto_refresh=False) as line:
+        assert line is None and console_handler.filters == []
+        feed(logger, clock, "pretrain", timed)
+    assert buf.getvalue().splitlines() == [f"pretrain | {line}" for _, line in timed]
+    assert recorded == [f"pretrain | {line}" for _, line in timed]
+
+
+@pytest.mark.parametrize("flow_log", [True], indirect=True)
+def test_a_failed_stage_keeps_its_line_marked_and_a_skipped_one_leaves_none(flow_log):
+    logger, buf, _, console_handler = flow_log
+    clock = FakeClock()
+    timed = stage_output()[:3]  # killed after its first progress line
+    failed = stage_line("pretrain", logger, clock=clock, auto_refresh=False)
+    with pytest.raises(RuntimeError), failed:
+        feed(logger, clock, "pretrain", timed)
+        raise RuntimeError("stage pretrain failed")
+    with stage_line("evaluate", logger, clock=clock, auto_refresh=False):
+        feed(logger, clock, "evaluate", [(9.0, "Stage 'evaluate' didn't change, skipping")])
+        feed(logger, clock, "pretrain", [timed[-1]])  # another stage's progress: printed
+    assert screen(buf.getvalue())[2:] == [
+        "pretrain ✗ 200 steps / 1.00k steps (20%) ETA 40s · 20 steps/s · 10s",
+        "evaluate | Stage 'evaluate' didn't change, skipping",
+        f"pretrain | {timed[-1][1]}",
+    ]
+    assert console_handler.filters == []
 
 
 def render(result: dict, push: bool = True) -> str:

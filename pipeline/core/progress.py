@@ -10,6 +10,9 @@ Prefect capture stage output into log files) it is a plain `logging` line at mos
 
     pretrain: 120 steps / 1.00k steps (12%), ETA 40s, 3.00 steps/s, 35.0s elapsed
 
+`parse_line` reads such a line back into its fields (`ProgressLine`): the flow draws a
+stage's progress from it as one line on its own terminal (flows/stage_line.py).
+
 `rich` is on every machine this runs on, the GPU ones included (see DESIGN.md).
 """
 
@@ -18,9 +21,11 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rich.console import Console
@@ -28,7 +33,8 @@ from rich.progress import BarColumn, ProgressColumn, Task, TextColumn
 from rich.progress import Progress as RichProgress
 from rich.text import Text
 
-log = logging.getLogger("lmforge.progress")
+LOGGER_NAME = "lmforge.progress"
+log = logging.getLogger(LOGGER_NAME)
 Clock = Callable[[], float]
 
 # One console for every bar of the process, so bars that overlap in time share one live
@@ -42,6 +48,68 @@ def default_console() -> Console:
     if _console is None:
         _console = Console(stderr=True)
     return _console
+
+
+@dataclass(frozen=True)
+class ProgressLine:
+    """The fields of one log line, each as the text it prints (`done="1.00k"`, `eta="40s"`).
+
+    `line()` is the log line; `parse_line(line())` gives the same fields back. Without a
+    total, `total`, `pct` and `eta` are None; without bytes, `mb` and `mb_rate` are.
+    """
+
+    what: str
+    done: str
+    unit: str
+    rate: str
+    elapsed: str
+    total: str | None = None
+    pct: str | None = None
+    eta: str | None = None  # "40s", or "?" before any progress
+    mb: str | None = None
+    mb_rate: str | None = None
+    final: bool = False  # the line of `close()`, ending in " (done)"
+
+    def count(self) -> str:
+        """`done unit / total unit`, or only `done unit` without a total."""
+        text = f"{self.done}{self.unit}"
+        return f"{text} / {self.total}{self.unit}" if self.total else text
+
+    def fields(self) -> str:
+        """Everything after the count: `(12%), ETA 40s, 3.00 steps/s, 35.0s elapsed[; MB]`."""
+        parts = [f"({self.pct}%), ETA {self.eta}"] if self.total else []
+        parts.append(f"{self.rate}{self.unit}/s, {self.elapsed}s elapsed")
+        text = ", ".join(parts)
+        if self.mb is not None:
+            text += f"; {self.mb} MB at {self.mb_rate} MB/s"
+        return text
+
+    def line(self) -> str:
+        """The log line: `what: count fields`, and ` (done)` on the last one."""
+        sep = " " if self.total else ", "
+        done = " (done)" if self.final else ""
+        return f"{self.what}: {self.count()}{sep}{self.fields()}{done}"
+
+    def eta_seconds(self) -> float | None:
+        """The ETA in seconds; None without a total or before any progress (`?`)."""
+        return float(self.eta[:-1]) if self.eta and self.eta != "?" else None
+
+
+_NUMBER = r"-?\d+(?:\.\d+)?[kMG]?"  # what `_fmt` prints
+_LINE = re.compile(
+    rf"(?P<what>.+?): (?P<done>{_NUMBER})(?P<unit>.*?)"
+    rf"(?: / (?P<total>{_NUMBER})(?P=unit) \((?P<pct>-?\d+)%\), ETA (?P<eta>\?|-?\d+s))?"
+    rf", (?P<rate>{_NUMBER})(?P=unit)/s, (?P<elapsed>\d+\.\d)s elapsed"
+    r"(?:; (?P<mb>\d+\.\d) MB at (?P<mb_rate>\d+\.\d\d) MB/s)?(?P<final> \(done\))?"
+)
+
+
+def parse_line(text: str) -> ProgressLine | None:
+    """The fields of a log line that `ProgressLine.line()` printed; None for other text."""
+    m = _LINE.fullmatch(text)
+    if m is None:
+        return None
+    return ProgressLine(**{**m.groupdict(), "final": m["final"] is not None})
 
 
 class Progress:
@@ -115,33 +183,32 @@ class Progress:
         rate = self.rate()
         return (self.total - self._done) / rate if rate > 0 else float("inf")
 
+    def snapshot(self) -> ProgressLine:
+        """The fields of the log line now, formatted."""
+        eta, elapsed = self.eta(), self._elapsed()
+        total = pct = eta_text = mb = mb_rate = None
+        if self.total:
+            total, pct = _fmt(self.total), f"{100 * self._done / self.total:.0f}"
+            eta_text = "?" if eta is None or eta == float("inf") else f"{eta:.0f}s"
+        if self.n_bytes:
+            megabytes = self.n_bytes / 1e6
+            mb, mb_rate = f"{megabytes:.1f}", f"{megabytes / elapsed:.2f}"
+        done, rate = _fmt(self._done), _fmt(self.rate())
+        return ProgressLine(
+            self.what, done, self.unit, rate, f"{elapsed:.1f}", total, pct, eta_text, mb, mb_rate
+        )
+
     def fields(self) -> str:
         """Everything after the count: `(12%), ETA 40s, 3.00 steps/s, 35.0s elapsed[; MB]`."""
-        parts = []
-        eta = self.eta()
-        if self.total:
-            pct = 100 * self._done / self.total
-            eta_text = "?" if eta is None or eta == float("inf") else f"{eta:.0f}s"
-            parts.append(f"({pct:.0f}%), ETA {eta_text}")
-        elapsed = self._elapsed()
-        parts.append(f"{_fmt(self.rate())}{self.unit}/s, {elapsed:.1f}s elapsed")
-        text = ", ".join(parts)
-        if self.n_bytes:
-            mb = self.n_bytes / 1e6
-            text += f"; {mb:.1f} MB at {mb / elapsed:.2f} MB/s"
-        return text
+        return self.snapshot().fields()
 
     def count(self) -> str:
         """`done unit / total unit`, or only `done unit` without a total."""
-        text = f"{_fmt(self._done)}{self.unit}"
-        if self.total:
-            text += f" / {_fmt(self.total)}{self.unit}"
-        return text
+        return self.snapshot().count()
 
     def line(self) -> str:
         """The log line: `what: count fields`."""
-        sep = " " if self.total else ", "
-        return f"{self.what}: {self.count()}{sep}{self.fields()}"
+        return self.snapshot().line()
 
     def close(self) -> None:
         """The last line: the final state of the bar, or a log line ending in `(done)`."""
@@ -149,7 +216,7 @@ class Progress:
             self._redraw()
             self._stop_bar()
             return
-        log.info(self.line() + " (done)")
+        log.info(replace(self.snapshot(), final=True).line())
 
     def _start_bar(self, bar: RichProgress) -> None:
         """Start the live display, and send the log lines of stderr handlers above it.
@@ -196,7 +263,8 @@ class _FieldsColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         # Cut rather than wrap on a narrow terminal: a wrapped bar is no longer one line.
-        text = f"{self.owner.count()} {self.owner.fields()}"
+        fields = self.owner.snapshot()
+        text = f"{fields.count()} {fields.fields()}"
         return Text(text, no_wrap=True, overflow="ellipsis")
 
 
