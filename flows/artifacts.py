@@ -51,8 +51,11 @@ KEY_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     ],
     "evaluate": [
         ("test bits/byte", ("test", "bits_per_byte")),
+        ("n-gram bits/byte", ("baselines", "ngram", "bits_per_byte")),
+        ("gain over n-gram", ("baselines", "gain_over_ngram")),
         ("KL bits/byte (story world)", ("source_kl", "storyworld", "kl_bits_per_byte")),
         ("task accuracy", ("task_accuracy",)),
+        ("task answer bits/byte", ("task", "answer_bits_per_byte")),
     ],
     "register": [
         ("registered", ("registered",)),

@@ -89,6 +89,17 @@ def test_report_has_every_section(finetuned):
     curve = json.loads((plots / "loss_by_position.json").read_text())
     assert len(curve) == cfg.model.block_size
     assert (plots / "reliability.json").is_file()
+    assert (plots / "loss_by_position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The baselines scored the very text of the model's test shard (same documents, bytes).
+    b, shard = report["baselines"], read_meta(cfg.path("tokenizer"))["splits"]["test"]
+    assert (b["test_docs"], b["test_bytes"]) == (shard["docs"], shard["bytes"])
+    assert b["gain_over_ngram"] == pytest.approx(
+        b["ngram"]["bits_per_byte"] - test["bits_per_byte"]
+    )
+    assert b["model_scores_whole_split"] is False  # evaluate.test_windows=16 here
+    assert "## Baselines on the test split" in md and "| this model |" in md
+    task = report["task"]
+    assert task["kind"] == "qa" and task["exact_match"] == report["task_accuracy"]
 
 
 def test_rerun_gives_the_same_report(finetuned):
@@ -186,3 +197,30 @@ def test_test_split_bits_per_byte_use_the_exact_bytes(finetuned):
             nats -= logp.gather(1, chunk[1:, None]).sum().item()
     assert got["num_bytes"] == n_bytes and got["tokens_scored"] == len(stream) - 1
     assert got["bits_per_byte"] == pytest.approx(nats / M.LN2 / n_bytes, rel=1e-6)
+
+
+def test_task_answer_bits_per_byte_match_a_loop_over_examples(finetuned):
+    """Answer bits/byte from the batched scorer = one forward pass per example, by hand."""
+    from pipeline.eval.decoding import task_scores
+    from pipeline.text.task_data import read_examples
+
+    cfg = cfg_for(finetuned)
+    tok_dir = cfg.path("tokenizer")
+    tok, eot = load_tokenizer(tok_dir / "tokenizer.json"), read_meta(tok_dir)["eot_id"]
+    model = load_model(cfg.path("finetune"))
+    rows = read_examples(cfg.path("synthetic") / "finetune_test.jsonl")
+    bits, n_bytes = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            p, a = encode_docs(tok, [row["prompt"]])[0], encode_docs(tok, [row["answer"]])[0]
+            seq, T = p + a + [eot], model.config.block_size
+            # A story longer than the context keeps its last T tokens, as the scorer does.
+            x, y = seq[:-1][-T:], seq[1:][-T:]
+            logp = torch.log_softmax(model(torch.tensor([x]))[0][0].float(), dim=-1)  # (T, V)
+            for i in range(len(y) - len(a) - 1, len(y)):  # each answer token and the end
+                bits -= logp[i, y[i]].item() / np.log(2)
+            n_bytes += len(row["answer"].encode())
+    got = task_scores(model, tok, eot, cfg, "qa")
+    assert got["examples"] == len(rows)
+    assert got["answer_bits_per_byte"] == pytest.approx(bits / n_bytes, rel=1e-4)
+    assert "exact_match" not in task_scores(model, tok, eot, cfg, "continuation")

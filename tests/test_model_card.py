@@ -145,6 +145,24 @@ REPORTS: dict[str, dict] = {
             },
         },
         "task_accuracy": 0.0,
+        "task": {
+            "kind": "qa",
+            "examples": 40,
+            "answer_loss": 2.1,
+            "answer_bits_per_byte": 3.2,
+            "exact_match": 0.0,
+        },
+        "baselines": {
+            "ngram": {"bits_per_byte": 2.6, "order": 5, "smoothing": "kneser_ney"},
+            "unigram": {"bits_per_byte": 4.4, "smoothing": "add_one"},
+            "xz": {"bits_per_byte": 2.9, "preset": 9},
+            "train_docs": 300,
+            "test_docs": 23,
+            "test_bytes": 5023,
+            "unseen_test_chars": 0,
+            "model_scores_whole_split": True,
+            "gain_over_ngram": -1.159477016252967,
+        },
         "test": {
             "bits_per_byte": 3.759477016252967,
             "bits_per_token": 6.5314,
@@ -456,3 +474,13 @@ def test_module_imports_without_torch_or_mlflow():
         "assert not {'torch', 'mlflow'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_card_sets_the_model_beside_the_classical_baselines(run_root):
+    md = card(run_root)
+    # evaluate.md's baselines table, embedded: the model, then each baseline with its gap.
+    assert cells(row(md, "this model")) == ["this model", "3.7595", "0.0000"]
+    assert cells(row(md, "character 5-gram"))[1:] == ["2.6000", "-1.1595"]
+    assert cells(row(md, "xz -9"))[1:] == ["2.9000", "-0.8595"]
+    limits = section(md, "Limitations")
+    assert "1.159 bits/byte worse than a character 5-gram" in limits

@@ -333,9 +333,19 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """The quality gate: a model failing any threshold is not registered (permissive = off)."""
+    """The quality gate: a model failing any threshold is not registered (permissive = off).
 
-    max_test_bits_per_byte: float = spec("highest allowed test bits per byte", min=0.0)
+    `min_gain_over_ngram` is relative, so it means the same on any corpus: the model must
+    beat the n-gram baseline on the test split (`pipeline/data/baselines.py`) by that many
+    bits/byte. `max_test_bits_per_byte` is absolute: 8 (a byte's worth) turns it off.
+    """
+
+    min_gain_over_ngram: float = spec(
+        "least test bits/byte by which the model must beat the n-gram baseline (-8 = off)",
+        min=-8.0,
+        max=8.0,
+    )
+    max_test_bits_per_byte: float = spec("highest allowed test bits per byte (8 = off)", min=0.0)
     max_ece: float = spec("highest allowed expected calibration error", min=0.0, max=1.0)
     min_task_accuracy: float = spec("lowest allowed exact-match task accuracy", min=0.0, max=1.0)
 

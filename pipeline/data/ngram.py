@@ -98,8 +98,14 @@ class NGramModel:
         )
 
     # ----------------------------------------------------------------------------- fitting
-    def fit(self, docs: Iterable[str]) -> NGramModel:
-        """Count the n-grams of ``docs`` (each padded with BOS and ended with EOS)."""
+    def fit(self, docs: Iterable[str], extra_symbols: Iterable[str] = ()) -> NGramModel:
+        """Count the n-grams of ``docs`` (each padded with BOS and ended with EOS).
+
+        ``extra_symbols``: characters to add to the vocabulary although ``docs`` never holds
+        them (a baseline scored on text with characters training never saw). They have no
+        counts, so only the smoothing gives them probability (the uniform end of the
+        Kneser-Ney recursion, or add-k's k).
+        """
         docs = list(docs)
         if not docs:
             raise ValueError("fit: docs is empty; need at least one document")
@@ -107,7 +113,10 @@ class NGramModel:
             if not isinstance(doc, str):
                 raise TypeError(f"fit: docs[{i}] is {type(doc).__name__}, expected str")
         text = "".join(docs)
-        self._set_vocab(sorted(set(text)))
+        extra = set(extra_symbols)
+        if any(not isinstance(c, str) or len(c) != 1 for c in extra):
+            raise ValueError("fit: extra_symbols must be single characters")
+        self._set_vocab(sorted(set(text) | extra))
         codes = np.array([ord(c) for c in self.vocab[:-1]], dtype=np.int64)  # (V-1,) sorted
         cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")  # (N,)
         ids = np.searchsorted(codes, cps).astype(np.int32)  # (N,)

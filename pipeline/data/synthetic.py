@@ -73,9 +73,19 @@ def uses_storyworld(cfg: Config) -> bool:
     return any(s.kind == "storyworld" for s in cfg.validate.sources)
 
 
+def needs_story_world(cfg: Config) -> bool:
+    """Whether a source or a generator draws from the story world."""
+    return uses_storyworld(cfg) or "storyworld" in cfg.synthesize.generators
+
+
+def finetune_kind(cfg: Config) -> str:
+    """The fine-tuning task `build_finetune` makes: "qa" on the story world, else "continuation"."""
+    return "qa" if needs_story_world(cfg) else "continuation"
+
+
 def story_world(cfg: Config) -> Any | None:
     """The story world (a `storyworld.StoryWorld`) when a source or generator uses it."""
-    if not (uses_storyworld(cfg) or "storyworld" in cfg.synthesize.generators):
+    if not needs_story_world(cfg):
         return None
     from pipeline.data.storyworld import StoryWorld  # only the story world needs the grammar
 

@@ -2,8 +2,8 @@
 
 `decode_all` continues each prompt with greedy, beam, temperature, top-k and top-p
 decoding; `generation_quality` scores each strategy's texts against held-out references
-(`pipeline/eval/generation.py`); `task_accuracy` is the exact-match accuracy on the
-fine-tuning test split.
+(`pipeline/eval/generation.py`); `task_scores` scores the fine-tuning test split (answer
+loss, and exact match where an answer is determined).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pipeline.eval.generation import (
     repetition_rate,
     validity_rate,
 )
+from pipeline.eval.lm import LN2
+from pipeline.eval.scoring import model_device
 from pipeline.model.generate import generate
 from pipeline.model.gpt import GPT
 from pipeline.text.task_data import evaluate_task, read_examples, tokenize
@@ -91,10 +93,27 @@ def generation_quality(
     return table
 
 
-def task_accuracy(model: GPT, tok: Tokenizer, eot: int, cfg: Config) -> float | None:
-    """Exact-match accuracy on `<synthetic>/finetune_test.jsonl`; None when there is none."""
+def task_scores(model: GPT, tok: Tokenizer, eot: int, cfg: Config, kind: str) -> dict | None:
+    """The fine-tuning test split (`<synthetic>/finetune_test.jsonl`) scored; None if absent.
+
+    Every task gets its answer loss (nats/token) and bits per answer byte (the end-of-text
+    token after each answer is scored too and has 0 bytes, as on the test shard). Exact
+    match is a skill only when an answer is determined (`kind` "qa", the story world's
+    questions); a real-text continuation has many right answers, so it gets none.
+    """
     path = cfg.path("synthetic") / FINETUNE_TEST
     if not path.is_file():
         return None
-    task = tokenize(tok, read_examples(path), eot, model.config.block_size)
-    return evaluate_task(model, task, eot, 32, torch.device("cpu"))["task_accuracy"]
+    rows = read_examples(path)
+    task = tokenize(tok, rows, eot, model.config.block_size)
+    r = evaluate_task(model, task, eot, 32, model_device(model))
+    answer_bytes = sum(len(row["answer"].encode("utf-8")) for row in rows)
+    scores = {
+        "kind": kind,
+        "examples": len(rows),
+        "answer_loss": r["answer_loss"],
+        "answer_bits_per_byte": r["answer_loss"] * r["answer_tokens"] / LN2 / answer_bytes,
+    }
+    if kind == "qa":
+        scores["exact_match"] = r["task_accuracy"]
+    return scores

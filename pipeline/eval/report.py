@@ -17,9 +17,11 @@ def markdown(report: dict[str, Any], gens: dict[str, list[str]], k: int) -> str:
     lines = [
         "# Evaluation",
         *_test_section(report["test"]),
+        *_baselines_section(report["test"]["bits_per_byte"], report.get("baselines")),
         *_kl_section(report["source_kl"]),
         *_sharpness_section(report["sharpness"], report.get("flatness", [])),
-        *_decoding_section(report["generation"], report.get("task_accuracy")),
+        *_decoding_section(report["generation"]),
+        *_task_section(report.get("task")),
         "",
         "## Samples",
         "",
@@ -35,6 +37,38 @@ def _test_section(t: dict[str, Any]) -> list[str]:
     row = [f"{t['cross_entropy']:.4f}", f"{t['perplexity']:.3f}", f"{t['bits_per_byte']:.4f}"]
     row += [f"{c['ece']:.4f}", f"{c['brier']:.4f}", f"{c['entropy']:.4f}"]
     return ["", "## Held-out test split", "", *table(header, [row])]
+
+
+BASELINE_NAMES = {
+    "ngram": "character {order}-gram ({smoothing})",
+    "unigram": "character unigram (add-one)",
+    "xz": "xz -{preset}, conditioned on train",
+}
+
+
+def _baselines_section(model_bpb: float, b: dict[str, Any] | None) -> list[str]:
+    """The model's test bits/byte beside each classical baseline's, on the same test split."""
+    if b is None:
+        return []
+    rows = [["this model", f"{model_bpb:.4f}", "0.0000"]]
+    for key, label in BASELINE_NAMES.items():
+        bpb = b[key]["bits_per_byte"]
+        rows.append([label.format(**b[key]), f"{bpb:.4f}", f"{bpb - model_bpb:+.4f}"])
+    scope = (
+        "the model's score covers the same split"
+        if b["model_scores_whole_split"]
+        else "the model's score covers only `evaluate.test_windows` windows of it"
+    )
+    return [
+        "",
+        "## Baselines on the test split",
+        "",
+        f"Fitted on the real training split ({b['train_docs']} documents), scored on all "
+        f"{b['test_docs']} test documents ({b['test_bytes']} bytes); {scope}. The last column "
+        "is how many bits/byte the model saves over each.",
+        "",
+        *table(["model", "test bits/byte", "model's gain"], rows),
+    ]
 
 
 def _kl_section(source_kl: dict[str, dict[str, Any]]) -> list[str]:
@@ -86,13 +120,24 @@ def _sharpness_section(sharpness: dict[str, dict[str, Any]], flatness: list[str]
     ]
 
 
-def _decoding_section(generation: dict[str, dict[str, float]], task: float | None) -> list[str]:
+def _decoding_section(generation: dict[str, dict[str, float]]) -> list[str]:
     cols = list(next(iter(generation.values())))
     rows = [[s, *(f"{r[c]:.4f}" for c in cols)] for s, r in generation.items()]
-    lines = ["", "## Decoding", "", *table(["strategy", *cols], rows)]
-    if task is not None:
-        lines += ["", f"Exact-match accuracy on the fine-tuning test split: {task:.4f}"]
-    return lines
+    return ["", "## Decoding", "", *table(["strategy", *cols], rows)]
+
+
+def _task_section(task: dict[str, Any] | None) -> list[str]:
+    """The fine-tuning test split: answer loss, and exact match where it is a skill."""
+    if task is None:
+        return []
+    what = "questions on stories" if task["kind"] == "qa" else "continuations of real text"
+    line = (
+        f"Fine-tuning test split ({task['examples']} {what}): answer loss "
+        f"{task['answer_bits_per_byte']:.4f} bits/byte"
+    )
+    if "exact_match" in task:
+        line += f", exact-match accuracy {task['exact_match']:.4f}"
+    return ["", "## Fine-tuning task", "", line + "."]
 
 
 def flat_numbers(d: dict[str, Any]) -> dict[str, float]:

@@ -293,10 +293,24 @@ def _evaluation_limits(ev: Report) -> list[str]:
         f"- **Calibration.** ECE {fmt(cal['ece'])} on the test split: mean confidence "
         f"{fmt(cal['confidence'])} against top-1 accuracy {fmt(cal['accuracy'])} ({side})."
     )
+    task = ev.get("task") or {}
     if ev["task_accuracy"] is not None:
         lines.append(
             f"- **Task skill.** Exact-match accuracy {pct(ev['task_accuracy'])} on the "
             "fine-tuning test split."
+        )
+    elif task.get("kind") == "continuation":
+        lines.append(
+            f"- **Task skill.** Continuation loss {fmt(task['answer_bits_per_byte'])} "
+            "bits/byte on held-out continuations (no exact match: real text has many right "
+            "continuations)."
+        )
+    if b := ev.get("baselines"):
+        gain = b["gain_over_ngram"]
+        lines.append(
+            f"- **Against classical models.** {fmt(abs(gain))} bits/byte "
+            f"{'better' if gain >= 0 else 'worse'} than a character {b['ngram']['order']}-gram "
+            f"on the test split; xz -9 reaches {fmt(b['xz']['bits_per_byte'])} bits/byte."
         )
     return lines
 

@@ -18,7 +18,11 @@ Reports, into `reports/evaluate.json` (DVC metrics), `reports/evaluate.md` and M
 - decoding per strategy (greedy, beam, temperature, top-k, top-p): distinct-n, repetition,
   MMD and k-NN precision/recall against held-out text, and for story-world prompts the
   validity rate (the share of generations the grammar can produce: 1 - hallucination rate);
-- exact-match accuracy on the fine-tuning test split.
+- classical baselines on the whole test split (`pipeline/data/baselines.py`): the n-gram
+  with the mimic's settings, a unigram and `xz -9`, fitted on or conditioned on the real
+  training split, and the model's gain over the n-gram (the register gate's relative check);
+- the fine-tuning test split: answer loss in bits per byte, and exact-match accuracy on the
+  story world's questions (a real-text continuation has no single right answer).
 
 The measurements live in the torch-only `pipeline/eval` (scoring, calibration, flatness,
 decoding, report); what they are measured on (fresh source documents with their exact
@@ -43,11 +47,15 @@ from pipeline.core.names import (
     TOKENIZER_FILE,
     report_json,
     report_md,
+    split_parquet,
 )
+from pipeline.core.plots import loss_by_position_png
 from pipeline.core.seeding import derive_seed
+from pipeline.data.baselines import classical_baselines
 from pipeline.data.eval_inputs import exact_sources, prompts_and_references, story_validator
+from pipeline.data.synthetic import finetune_kind
 from pipeline.eval.calibration import reliability_png
-from pipeline.eval.decoding import decode_all, generation_quality, task_accuracy
+from pipeline.eval.decoding import decode_all, generation_quality, task_scores
 from pipeline.eval.flatness import sharpness_table
 from pipeline.eval.report import flat_numbers, markdown
 from pipeline.eval.scoring import source_kl, test_scores
@@ -78,13 +86,19 @@ def run(cfg: Config) -> dict[str, Any]:
         tracker.log_params({"seed": cfg.seed, STAGE: dataclasses.asdict(e)})
         # Fresh documents of the exact sources, with their code lengths under the source.
         sources = exact_sources(cfg, e.source_docs, derive_seed(cfg.seed, STAGE, "fresh-source"))
+        test = test_scores(model, test_tokens, cfg, torch.from_numpy(token_bytes))
+        # Every full window scored: the baselines then score the same text (bar one tail).
+        whole = test["tokens_scored"] > len(test_tokens) - 1 - model.config.block_size
+        task = task_scores(model, tok, eot, cfg, finetune_kind(cfg))
         report: dict[str, Any] = {
-            "test": test_scores(model, test_tokens, cfg, torch.from_numpy(token_bytes)),
+            "test": test,
+            "baselines": classical_baselines(cfg, test["bits_per_byte"], whole),
             "source_kl": source_kl(model, tok, eot, sources),
             "sharpness": sharpness_table(
                 cfg, test_tokens, derive_seed(cfg.seed, STAGE, "sharpness")
             ),
-            "task_accuracy": task_accuracy(model, tok, eot, cfg),
+            "task": task,
+            "task_accuracy": (task or {}).get("exact_match"),  # None on continuation tasks
         }
         # What the numbers show, "NOT flatter" included: the same sentences finetune writes.
         report["flatness"] = flatness_verdict(report["sharpness"])
@@ -94,12 +108,10 @@ def run(cfg: Config) -> dict[str, Any]:
         report["generation"] = generation_quality(gens, refs, story_validator(cfg))
         reports = cfg.path("reports")
         atomic_write_text(reports / report_md(STAGE), markdown(report, gens, e.samples_in_report))
+        by_position = report["test"].pop("loss_by_position")  # (T,) mean nats per position
         atomic_write_json(
             reports / PLOTS_DIR / LOSS_BY_POSITION,
-            [
-                {"position": i, "loss": v}
-                for i, v in enumerate(report["test"].pop("loss_by_position"))
-            ],
+            [{"position": i, "loss": v} for i, v in enumerate(by_position)],
         )
         diagram = report["test"]["calibration"].pop("diagram")
         atomic_write_json(reports / PLOTS_DIR / RELIABILITY, diagram)
@@ -107,15 +119,22 @@ def run(cfg: Config) -> dict[str, Any]:
         tracker.log_metrics(flat_numbers(report))
         for name in (report_md(STAGE), report_json(STAGE)):
             tracker.log_artifact(reports / name)
-        png = reliability_png(diagram, reports / PLOTS_DIR / "reliability.png")
-        if png:
+        pngs = (
+            reliability_png(diagram, reports / PLOTS_DIR / "reliability.png"),
+            loss_by_position_png(by_position, reports / PLOTS_DIR / "loss_by_position.png"),
+        )
+        for png in filter(None, pngs):  # None: matplotlib is not installed
             tracker.log_artifact(png, "plots")
-        test = SPLIT_CONTEXT["test"]  # what it scored: the test shard and the held-out task set
-        tracker.log_dataset(tok_dir / test_meta["file"], "tokens-test", test)
+        ctx = SPLIT_CONTEXT  # what it scored: the test shard and the held-out task set
+        tracker.log_dataset(tok_dir / test_meta["file"], "tokens-test", ctx["test"])
         if (task_set := cfg.path("synthetic") / FINETUNE_TEST).is_file():  # else no accuracy
-            tracker.log_dataset(task_set, "finetune-test", test)
+            tracker.log_dataset(task_set, "finetune-test", ctx["test"])
+        for split in ("train", "test"):  # what the baselines were fitted on and scored
+            path = cfg.path("validated") / split_parquet(split)
+            tracker.log_dataset(path, f"validated-{split}", ctx[split])
         summary = {
             "bits_per_byte": report["test"]["bits_per_byte"],
+            "gain_over_ngram": report["baselines"]["gain_over_ngram"],
             "kl": {k: v["kl_bits_per_byte"] for k, v in report["source_kl"].items()},
         }
         tracker.describe(STAGE, summary)

@@ -110,4 +110,8 @@ def evaluate_task(model, task: TaskSet, pad_id: int, batch: int, device) -> dict
         hit = (logits.argmax(-1) == y) | ~mask  # (B, L)
         correct += hit.all(dim=1).sum().item()
     model.train(was_training)
-    return {"answer_loss": loss_sum / max(tokens, 1), "task_accuracy": correct / max(len(task), 1)}
+    return {
+        "answer_loss": loss_sum / max(tokens, 1),
+        "task_accuracy": correct / max(len(task), 1),
+        "answer_tokens": tokens,  # the answers' tokens and each one's end of text
+    }
