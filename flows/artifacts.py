@@ -267,10 +267,10 @@ def summary_table(results: list[dict[str, Any]]) -> Table:
 
 def where_to_look(result: dict[str, Any], tracking_uri: str, push: bool) -> Text:
     """Where the run is recorded: MLflow, Prefect, DVC and, when pushed, the remote."""
-    lines = [
-        "Where to look:",
-        f"  MLflow:  mlflow ui --backend-store-uri {tracking_uri}",
-    ]
+    # A server (team mode) has its own UI at its URL; a local store needs `mlflow ui`.
+    served = tracking_uri.startswith(("http://", "https://"))
+    ui = f"open {tracking_uri}" if served else f"mlflow ui --backend-store-uri {tracking_uri}"
+    lines = ["Where to look:", f"  MLflow:  {ui}"]
     if result.get("mlflow_parent_run_id"):
         lines.append(f"           parent run {result['mlflow_parent_run_id']}")
     lines.append("  Prefect: prefect server start   (then open the flow run of lm-pipeline)")

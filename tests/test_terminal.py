@@ -312,6 +312,15 @@ def write_report(reports: Path, stage: str, report: dict) -> None:
     (reports / f"{stage}.json").write_text(json.dumps(report))
 
 
+def test_where_to_look_points_at_the_server_in_team_mode():
+    """A tracking server has its own UI: no `mlflow ui --backend-store-uri http://...`."""
+    console = Console(record=True, width=140, file=io.StringIO(), color_system=None)
+    print_run_end(console, {"stages": []}, "http://mlflow.team:5000", False)
+    text = console.export_text()
+    assert "MLflow:  open http://mlflow.team:5000" in text
+    assert "mlflow ui" not in text
+
+
 def test_the_end_of_run_table_then_where_to_look(tmp_path: Path):
     """Rows from the reports on disk: a real-text run has no story-world KL, so the row is
     absent; the figures it has are shown, formatted; the where-to-look block follows."""

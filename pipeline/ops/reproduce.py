@@ -77,13 +77,18 @@ def run_origin(cfg: Config, run_id: str) -> tuple[str, str]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.ops.tracking import tracking_uri
+    from pipeline.ops.tracking import server_error, tracking_uri
 
-    client = mlflow.MlflowClient(tracking_uri(cfg))
+    where = tracking_uri(cfg)
+    client = mlflow.MlflowClient(where)
     try:
         run = client.get_run(run_id)
-    except MlflowException as e:
-        where = tracking_uri(cfg)
+    except Exception as e:
+        # Refused credentials or an unreachable server say so; only the rest is "not found".
+        if (clear := server_error(e, where)) is not None:
+            raise clear from None
+        if not isinstance(e, MlflowException):
+            raise
         raise ReproduceError(f"MLflow run {run_id!r} not found at {where}: {e.message}") from None
     tags = run.data.tags
     commit = tags.get("lmforge.git_commit") or tags.get("mlflow.source.git.commit", "")

@@ -335,6 +335,19 @@ def test_dvc_pushed_to_s3_and_a_fresh_clone_reproduces(stack: Stack, tmp_path: P
     assert "Reproduction: IDENTICAL" in output, output[-4000:]
 
 
+def test_reproduce_with_refused_credentials_says_so(stack: Stack, tmp_path: Path) -> None:
+    """A 401 is a credentials error naming the variables, not "run not found"."""
+    if "parent" not in FLOW_RUN:
+        pytest.skip("needs the deployment's MLflow parent run (the tests above)")
+    env = {**stack.client_env(), "MLFLOW_TRACKING_PASSWORD": "wrong"}
+    done = lmforge(stack.root, "reproduce", FLOW_RUN["parent"], "--workdir",
+                   str(tmp_path / "work"), env=env, timeout=300)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-2000:]
+    assert "refused the credentials (HTTP 401)" in output, output[-2000:]
+    assert "MLFLOW_TRACKING_PASSWORD" in output and "not found" not in output
+
+
 def test_stack_down_leaves_no_process_running(stack: Stack) -> None:
     started = stack_processes(stack.root)
     assert {p.name() for p in started}  # the stack runs before
