@@ -161,6 +161,12 @@ def generate_text(
     top_p: Annotated[float | None, typer.Option()] = None,
     num_beams: Annotated[int | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    no_repeat_ngram_size: Annotated[
+        int | None, typer.Option(help="ban repeating an n-gram of this size (0 = off)")
+    ] = None,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help="CTRL penalty on tokens already seen (1 = off)")
+    ] = None,
 ) -> None:
     """Generate text from a registered model (or a model folder); one line per prompt.
 
@@ -177,6 +183,8 @@ def generate_text(
         "top_p": top_p,
         "num_beams": num_beams,
         "seed": seed,
+        "no_repeat_ngram_size": no_repeat_ngram_size,
+        "repetition_penalty": repetition_penalty,
     }
     params: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     try:

@@ -22,13 +22,22 @@ from pipeline.model.generate import (
     beam_search,
     filter_logits,
     generate,
+    penalize_logits,
     sequence_logprob,
 )
 from pipeline.model.gpt import GPT, GPTConfig, KVCache
-from pipeline.serve.textgen import GenerationParams
+from pipeline.serve.textgen import GenerationParams, GenerationRequestError
 
 POS = ["learned", "sinusoidal", "rotary"]
-OFF = dict(temperature=1.0, top_k=0, top_p=1.0, num_beams=1, seed=0)  # every filter off
+OFF = dict(  # every filter and lever off
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    num_beams=1,
+    seed=0,
+    no_repeat_ngram_size=0,
+    repetition_penalty=1.0,
+)
 
 
 def dec(strategy: str, max_new_tokens: int, **settings: object) -> DecodingConfig:
@@ -365,6 +374,14 @@ def test_top_k_keeps_k_and_combines_with_top_p_and_temperature() -> None:
         (dict(seed=True), "seed"),
         (dict(seed=-1), "seed"),
         (dict(seed=2**63), "seed"),
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+        (dict(no_repeat_ngram_size=2.0), "no_repeat_ngram_size"),
+        (dict(no_repeat_ngram_size=True), "no_repeat_ngram_size"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.2), "repetition_penalty"),
+        (dict(repetition_penalty=10.5), "repetition_penalty"),
+        (dict(repetition_penalty=math.nan), "repetition_penalty"),
+        (dict(repetition_penalty="1.2"), "repetition_penalty"),
     ],
 )
 def test_decoding_config_validation_names_the_field(kwargs: dict, field: str) -> None:
@@ -540,3 +557,251 @@ def test_sampled_rows_are_padded_with_eos_after_they_finish() -> None:
 def test_beam_search_rejects_an_eos_outside_the_vocabulary() -> None:
     with pytest.raises(ValueError, match="eos_id"):
         beam_search(tiny_model(vocab=5), [1], 2, 3, eos_id=5)
+
+
+# --------------------------------------------------------------------------------------
+# Repetition levers: no_repeat_ngram_size and repetition_penalty
+# --------------------------------------------------------------------------------------
+
+
+def hand_adjusted(logits: list[float], seq: list[int], n: int, penalty: float) -> list[float]:
+    """The levers spelled out on one row: CTRL penalty on each seen id, then n-gram bans."""
+    out = list(logits)
+    for t in set(seq):
+        out[t] = out[t] / penalty if out[t] > 0 else out[t] * penalty
+    if n > 0:
+        start = tuple(seq[len(seq) - n + 1 :]) if n > 1 else ()
+        grams = [tuple(seq[j : j + n]) for j in range(len(seq) - n + 1)]
+        banned = {g[-1] for g in grams if g[:-1] == start}
+        if len(banned) < len(out):  # every token banned: none is
+            for t in banned:
+                out[t] = -math.inf
+    return out
+
+
+def repeats_an_ngram(seq: list[int], n: int) -> bool:
+    grams = [tuple(seq[j : j + n]) for j in range(len(seq) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
+def test_penalize_logits_on_hand_computed_values() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    ids = torch.tensor([[0, 1, 0, 4], [2, 3, 2, 3]])  # (B, L); token 4's logit is 0
+    out = penalize_logits(logits, ids, 0, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0, 0.0], [1.0, 1.0, 0.5, 0.5, 1.0]]
+    # n=2: after "... 0 4" nothing followed a 4; after "... 2 3" a 2 followed "3" once
+    out = penalize_logits(logits, ids, 2, 1.0)
+    assert torch.isinf(out).tolist() == [[False] * 5, [False, False, True, False, False]]
+    # n=3: "2 3 2" is in row 1, so 2 after "2 3" is banned; row 0 has no "0 4 x"
+    assert torch.isinf(penalize_logits(logits, ids, 3, 1.0))[1].nonzero().view(-1).tolist() == [2]
+    # n=1 bans every token already seen; n longer than the sequence bans nothing
+    seen = torch.isinf(penalize_logits(logits, ids, 1, 1.0))[0].tolist()
+    assert seen == [True, True, False, False, True]
+    assert torch.equal(penalize_logits(logits, ids, 5, 1.0), logits)
+    assert penalize_logits(logits, ids, 0, 1.0) is logits  # off: untouched
+
+
+def test_penalize_logits_matches_a_brute_force() -> None:
+    gen = torch.Generator().manual_seed(0)
+    V = 6
+    for n, penalty in itertools.product([0, 1, 2, 3, 4], [0.6, 1.0, 1.7]):
+        for L in (1, 3, 9):
+            logits = torch.randn(4, V, generator=gen)  # (B, V)
+            ids = torch.randint(0, 3 if L == 9 else V, (4, L), generator=gen)  # repeats
+            got = penalize_logits(logits, ids, n, penalty)
+            for b in range(4):
+                want = hand_adjusted(logits[b].tolist(), ids[b].tolist(), n, penalty)
+                assert got[b].tolist() == pytest.approx(want, rel=1e-6), (n, penalty, L, b)
+    # a row with every token banned keeps its logits (n=1 after all of 0..V-1)
+    ids = torch.arange(V).unsqueeze(0)
+    logits = torch.randn(1, V, generator=gen)
+    assert torch.equal(penalize_logits(logits, ids, 1, 1.0), logits)
+
+
+def greedy_reference(model: GPT, prompt: list[int], n_new: int, n: int, penalty: float):
+    """Greedy decoding spelled out: full forwards, hand-adjusted logits, Python argmax."""
+    seq = list(prompt)
+    for _ in range(n_new):
+        z = hand_adjusted(model(torch.tensor([seq]))[0][0, -1].tolist(), seq, n, penalty)
+        seq.append(max(range(len(z)), key=lambda t: z[t]))
+    return seq[len(prompt) :]
+
+
+def test_greedy_with_no_repeat_bigrams_never_repeats_one() -> None:
+    model = tiny_model(vocab=7)
+    prompt = [1, 2, 1]  # the prompt's bigrams count too
+    free = generate(model, prompt, dec("greedy", 13))
+    assert repeats_an_ngram(prompt + free, 2)  # without the lever it does repeat
+    out = generate(model, prompt, dec("greedy", 13, no_repeat_ngram_size=2))
+    assert len(out) == 13 and not repeats_an_ngram(prompt + out, 2)
+    assert out == greedy_reference(model, prompt, 13, 2, 1.0)
+    assert out == generate(
+        model, prompt, dec("greedy", 13, no_repeat_ngram_size=2), use_cache=False
+    )
+    # n=3 allows repeated bigrams but no repeated trigram
+    out3 = generate(model, prompt, dec("greedy", 13, no_repeat_ngram_size=3))
+    assert not repeats_an_ngram(prompt + out3, 3)
+    assert out3 == greedy_reference(model, prompt, 13, 3, 1.0)
+
+
+def test_repetition_penalty_gives_the_hand_computed_next_token_distribution() -> None:
+    model = tiny_model(vocab=7)
+    prompt, penalty, temperature = [1, 2, 2, 5], 3.0, 0.8
+    z = model(torch.tensor([prompt]))[0][0, -1]  # (V,)
+    hand = hand_adjusted(z.tolist(), prompt, 0, penalty)
+    want = F.softmax(torch.tensor(hand, dtype=torch.float64) / temperature, dim=-1)
+    adjusted = penalize_logits(z.unsqueeze(0), torch.tensor([prompt]), 0, penalty)
+    got = F.softmax(filter_logits(adjusted, temperature).double(), dim=-1)[0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # each seen token's probability changed, in the direction of its logit's sign
+    plain = F.softmax(z.double() / temperature, dim=-1)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    # generate decodes from that distribution: the sampled token, and the greedy argmax
+    for seed in range(5):
+        cfg = dec("sample", 1, temperature=temperature, seed=seed, repetition_penalty=penalty)
+        g = torch.Generator().manual_seed(seed)
+        draw = torch.multinomial(
+            F.softmax(filter_logits(adjusted, temperature), dim=-1), 1, generator=g
+        )
+        assert generate(model, prompt, cfg) == [int(draw)]
+    for p in (0.5, 1.5, 4.0, 10.0):
+        want_seq = greedy_reference(model, prompt, 6, 0, p)
+        assert generate(model, prompt, dec("greedy", 6, repetition_penalty=p)) == want_seq
+
+
+def test_some_repetition_penalty_changes_greedy_decoding() -> None:
+    model = tiny_model(vocab=7)
+    prompt = [1, 2, 3]
+    free = generate(model, prompt, dec("greedy", 10))
+    changed = [
+        p
+        for p in (1.5, 3.0, 10.0)
+        if generate(model, prompt, dec("greedy", 10, repetition_penalty=p)) != free
+    ]
+    assert changed  # the lever acts (so the tests above can fail)
+
+
+@pytest.mark.parametrize("pos", POS)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dec("greedy", 12, no_repeat_ngram_size=2, repetition_penalty=1.3),
+        dec("sample", 12, seed=3, no_repeat_ngram_size=1, repetition_penalty=0.7),
+        dec("sample", 12, top_k=4, top_p=0.9, seed=5, no_repeat_ngram_size=3),
+        dec("beam", 8, num_beams=3, no_repeat_ngram_size=2, repetition_penalty=1.5),
+    ],
+    ids=["greedy", "sample", "sample-filtered", "beam"],
+)
+def test_levers_give_the_same_tokens_cached_and_uncached(pos: str, cfg: DecodingConfig) -> None:
+    model = tiny_model(pos)
+    prompt = torch.tensor([[1, 2, 3], [3, 0, 6]])  # (B, T)
+    cached = generate(model, prompt, cfg, eos_id=4, use_cache=True)
+    assert torch.equal(cached, generate(model, prompt, cfg, eos_id=4, use_cache=False))
+    if cfg.strategy == "sample":
+        return  # a batch's rows share one generator: a row alone draws differently
+    rows = [generate(model, row.tolist(), cfg, eos_id=4) for row in prompt]
+    for row, alone in zip(cached.tolist(), rows, strict=True):
+        assert row[: len(alone)] == alone  # each row decodes on its own sequence
+
+
+def naive_lever_beam_search(
+    model: GPT, prompt: list[int], width: int, n_new: int, eos: int, n: int, penalty: float
+) -> list[tuple[list[int], float]]:
+    """naive_beam_search with the levers: each extension's log-prob is the log-softmax of
+    its beam's hand-adjusted logits; banned extensions (-inf) are dropped."""
+
+    def logp(beam: list[int]) -> list[float]:
+        z = hand_adjusted(
+            model(torch.tensor([prompt + beam]))[0][0, -1].tolist(), prompt + beam, n, penalty
+        )
+        return F.log_softmax(torch.tensor(z, dtype=torch.float64), dim=-1).tolist()
+
+    live, finished = [([], 0.0)], []
+    for _ in range(n_new):
+        ext = [([*b, t], s + lp) for b, s in live for t, lp in enumerate(logp(b)) if lp > -math.inf]
+        finished += [(c, s / len(c)) for c, s in ext if c[-1] == eos]
+        finished = sorted(finished, key=lambda b: -b[1])[:width]
+        live = sorted((e for e in ext if e[0][-1] != eos), key=lambda e: -e[1])[:width]
+    done = finished + [(c, s / len(c)) for c, s in live]
+    return sorted(done, key=lambda b: -b[1])[:width]
+
+
+def test_beam_search_respects_no_repeat_per_beam() -> None:
+    model = tiny_model("rotary", vocab=5, seed=2)
+    prompt = [1, 3, 1]
+    free = beam_search(model, prompt, 4, 10, 1.0)
+    assert any(repeats_an_ngram(prompt + seq, 2) for seq, _ in free)  # it would repeat
+    beams = beam_search(model, prompt, 4, 10, 1.0, no_repeat_ngram_size=2)
+    assert len(beams) == 4
+    for seq, _ in beams:  # each beam, prompt included, on its own sequence
+        assert not repeats_an_ngram(prompt + seq, 2), seq
+    # against a brute-force beam search with the levers, eos and the length penalty
+    for n, penalty in ((2, 1.0), (3, 1.4), (0, 2.0)):
+        want = naive_lever_beam_search(model, prompt, 3, 6, 0, n, penalty)
+        for early_stopping in (True, False):
+            got = beam_search(
+                model,
+                prompt,
+                3,
+                6,
+                1.0,
+                eos_id=0,
+                early_stopping=early_stopping,
+                no_repeat_ngram_size=n,
+                repetition_penalty=penalty,
+            )
+            assert [s for s, _ in got] == [s for s, _ in want], (n, penalty)
+            for (_, a), (_, b) in zip(got, want, strict=True):
+                assert a == pytest.approx(b, abs=1e-5)
+    cfg = dec("beam", 10, num_beams=4, no_repeat_ngram_size=2)
+    assert generate(model, prompt, cfg) == beams[0][0]
+
+
+def test_beam_search_drops_extensions_banned_everywhere() -> None:
+    # vocab 3 and n=1: after the prompt's tokens only one token is left, then none is
+    # banned (a row never has every token banned), so beams stay well defined.
+    model = tiny_model(vocab=3)
+    beams = beam_search(model, [0, 1], 4, 3, 1.0, no_repeat_ngram_size=1)
+    assert beams[0][0][0] == 2 and all(seq[0] == 2 for seq, _ in beams)
+    assert all(math.isfinite(s) for _, s in beams)
+    # eos banned (seen in the prompt): no beam ends with it
+    beams = beam_search(model, [0, 1], 2, 3, 1.0, eos_id=0, no_repeat_ngram_size=1)
+    assert all(seq[0] == 2 and math.isfinite(s) for seq, s in beams)
+
+
+def test_lever_errors_name_the_field() -> None:
+    for field, bad in [
+        ("no_repeat_ngram_size", -1),
+        ("no_repeat_ngram_size", 1.5),
+        ("no_repeat_ngram_size", "2"),
+        ("repetition_penalty", 0),
+        ("repetition_penalty", -1.0),
+        ("repetition_penalty", 11.0),
+        ("repetition_penalty", None),
+    ]:
+        with pytest.raises(GenerationRequestError, match=rf"^{field}: expected") as e:
+            GenerationParams.from_mapping({field: bad})
+        assert e.value.field == field
+        with pytest.raises(DecodingError, match=rf"^{field}: expected"):
+            beam_search(tiny_model(vocab=5), [1], 2, 3, **{field: bad})
+    ok = GenerationParams.from_mapping({"no_repeat_ngram_size": 3, "repetition_penalty": 2})
+    assert (ok.no_repeat_ngram_size, ok.repetition_penalty) == (3, 2.0)
+    assert isinstance(ok.repetition_penalty, float)
+
+
+def test_decode_all_applies_evaluates_levers_to_every_strategy(monkeypatch) -> None:
+    from pipeline.config import load_config
+    from pipeline.eval import decoding
+
+    cfg = load_config(Path(__file__).resolve().parents[1])
+    ev = dataclasses.replace(cfg.evaluate, no_repeat_ngram_size=3, repetition_penalty=1.3)
+    seen: list[DecodingConfig] = []
+    monkeypatch.setattr(decoding, "encode_docs", lambda tok, texts: [[1] for _ in texts])
+    monkeypatch.setattr(decoding, "decode", lambda tok, ids: "")
+    monkeypatch.setattr(decoding, "generate", lambda m, ids, d, **kw: seen.append(d) or [0])
+    gens = decoding.decode_all(
+        tiny_model(), None, 0, ["a"], dataclasses.replace(cfg, evaluate=ev), 1
+    )
+    assert set(gens) == {"greedy", "beam", "temperature", "top_k", "top_p"}
+    assert len(seen) == 5
+    assert {(d.no_repeat_ngram_size, d.repetition_penalty) for d in seen} == {(3, 1.3)}

@@ -1,7 +1,7 @@
 """The served model refuses what it does not know, with HTTP 400 naming the field.
 
 One real `mlflow models serve` (--env-manager local) of a tiny random model, logged by the
-register stage's own `log_model`, answers 20 bad requests of different kinds, then a good
+register stage's own `log_model`, answers 25 bad requests of different kinds, then a good
 one, which must equal the in-process TextGenerator's result: the server kept serving.
 """
 
@@ -53,6 +53,8 @@ BAD_PARAMS = [
     ({"top_k": -1, "strategy": "sample"}, "top_k"),
     ({"strategy": "nucleus"}, "strategy"),
     ({"num_beams": 0, "strategy": "beam"}, "num_beams"),
+    ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"return_full_text": "yes"}, "return_full_text"),
 ]
 BAD_INPUTS = [

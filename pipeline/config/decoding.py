@@ -8,7 +8,7 @@ bounds (`min`, `max`, `above`): the same bounds the strict loader checks in para
 key of params.yaml and a field of a request obey one rule. An error names the field.
 
     DecodingConfig("sample", max_new_tokens=20, temperature=0.8, top_k=0, top_p=0.9,
-                   num_beams=1, seed=3)
+                   num_beams=1, seed=3, no_repeat_ngram_size=3, repetition_penalty=1.2)
 
 Standard library only (the GPU machine has nothing else, and served models ship config/).
 """

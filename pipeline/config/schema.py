@@ -286,7 +286,8 @@ class DecodingConfig:
     (`pipeline.serve.textgen.GenerationParams` adds `return_full_text`), evaluate's
     strategies and `pipeline.model.generate` all use it. Checked on construction against
     these specs (`check_fields`): the same bounds the loader checks in params.yaml.
-    temperature, top_k and top_p apply to strategy sample only, num_beams to beam only.
+    temperature, top_k and top_p apply to strategy sample only, num_beams to beam only;
+    no_repeat_ngram_size and repetition_penalty apply to every strategy (before the filters).
     """
 
     strategy: Strategy = spec("greedy, sample or beam search")
@@ -296,10 +297,15 @@ class DecodingConfig:
     top_p: float = spec("nucleus sampling mass, 1 = off", above=0, max=1.0)
     num_beams: int = spec("beam width", min=1, max=64)
     seed: int = spec("sampling seed", min=0, max=MAX_SEED)
+    no_repeat_ngram_size: int = spec("no n-gram of this size twice in the sequence, 0 = off", min=0)
+    repetition_penalty: float = spec(
+        "CTRL penalty on tokens already in the sequence, 1 = off", above=0, max=10.0
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, DECODING_FIELDS)
-        for name in ("temperature", "top_p"):  # 1 -> 1.0, as the loader converts floats
+        # 1 -> 1.0, as the loader converts floats
+        for name in ("temperature", "top_p", "repetition_penalty"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
 
@@ -328,6 +334,12 @@ class EvaluateConfig:
     top_p: float = decoding_spec("top_p", "nucleus mass of the top_p strategy")
     num_beams: int = decoding_spec("num_beams", "beam width of the beam strategy")
     length_penalty: float = spec("beam score = log-prob / length ** penalty", min=0.0, max=5.0)
+    no_repeat_ngram_size: int = decoding_spec(
+        "no_repeat_ngram_size", "no-repeat n-gram size of every strategy (0 = off)"
+    )
+    repetition_penalty: float = decoding_spec(
+        "repetition_penalty", "repetition penalty of every strategy (1 = off)"
+    )
     samples_in_report: int = spec("generations per strategy shown in evaluate.md", min=0)
 
 

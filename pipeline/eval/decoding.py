@@ -39,9 +39,18 @@ def decode_all(
     e, T = cfg.evaluate, model.config.block_size
     # Prompt and continuation share the context: leave at least half of it to the prompt.
     n = min(e.max_new_tokens, T // 2)
-    # Each strategy changes one setting of plain greedy decoding (every filter off).
+    # Each strategy changes one setting of plain greedy decoding (every filter off); the
+    # repetition levers are evaluate's, the same for every strategy.
     greedy = DecodingConfig(
-        "greedy", n, temperature=1.0, top_k=0, top_p=1.0, num_beams=1, seed=seed
+        "greedy",
+        n,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        num_beams=1,
+        seed=seed,
+        no_repeat_ngram_size=e.no_repeat_ngram_size,
+        repetition_penalty=e.repetition_penalty,
     )
     strategies = {
         "greedy": greedy,

@@ -1,7 +1,8 @@
 """Decoding from a trained GPT: greedy, sampling (temperature, top-k, top-p) and beam search.
 
     prompt ids -> crop from the left to fit block_size -> prefill (one forward over the prompt,
-    filling a KVCache) -> per step: next-token logits -> pick a token -> feed only that token
+    filling a KVCache) -> per step: next-token logits -> repetition levers -> pick a token
+    -> feed only that token
 
 Choices worth stating:
 - The context is never slid: the prompt is cropped from the left once, so that prompt and
@@ -16,6 +17,14 @@ Choices worth stating:
   seed and neither read nor disturb the global RNG (training's seeding stays intact).
 - Beam scores are sum(log p) / length**length_penalty with length = number of generated tokens
   (eos included, prompt excluded); length_penalty 0 gives the plain sum of log-probs.
+- The repetition levers (`penalize_logits`) act on the logits of every strategy before
+  anything else (temperature, top-k, top-p, beam search's log-softmax), each row or beam on
+  its own sequence: the (cropped) prompt plus what it generated. `repetition_penalty` is
+  CTRL's (HF RepetitionPenaltyLogitsProcessor): a seen token's logit is divided by the
+  penalty when > 0, else multiplied. `no_repeat_ngram_size` n (HF NoRepeatNGramLogitsProcessor)
+  bans a token that would complete an n-gram already in the sequence. HF's beam search
+  applies them to log-probs; here beams take the log-softmax of the adjusted logits. Both
+  off (0 and 1.0) leave the logits untouched, so results are bit-identical to no levers.
 - Logits cover the model's whole (padded) vocabulary; ids above the tokenizer's real size are
   never targets in training, so their probabilities are tiny but not zero.
 
@@ -26,13 +35,16 @@ train/eval mode is restored afterwards. Pure torch and the standard library.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import typing
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from pipeline.config.decoding import DecodingError, field_problem
 from pipeline.config.schema import DecodingConfig
 from pipeline.model.gpt import GPT, KVCache
 
@@ -50,6 +62,20 @@ def _check_length_penalty(length_penalty: float) -> None:
     ok = isinstance(length_penalty, int | float) and not isinstance(length_penalty, bool)
     if not ok or not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+
+
+def _check_levers(no_repeat_ngram_size: object, repetition_penalty: object) -> None:
+    """DecodingConfig's rule for the repetition levers (for `beam_search`, which takes them
+    as arguments); DecodingError naming the field."""
+    hints = typing.get_type_hints(DecodingConfig)
+    meta = {f.name: f.metadata for f in dataclasses.fields(DecodingConfig)}
+    for name, value in (
+        ("no_repeat_ngram_size", no_repeat_ngram_size),
+        ("repetition_penalty", repetition_penalty),
+    ):
+        problem = field_problem(value, hints[name], meta[name])
+        if problem is not None:
+            raise DecodingError(name, problem)
 
 
 # --------------------------------------------------------------------------------------
@@ -133,6 +159,43 @@ def filter_logits(
     return logits
 
 
+def penalize_logits(
+    logits: Tensor, ids: Tensor, no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0
+) -> Tensor:
+    """logits (B, V) of the token after ids (B, L) -> logits with the repetition levers applied.
+
+    repetition_penalty: the logit of each token id present in the row of `ids` (once, however
+    often it occurs) becomes logit / penalty if logit > 0 else logit * penalty.
+    no_repeat_ngram_size n: a token that would complete an n-gram already in the row gets
+    -inf (n = 1 bans every token of the row). A row whose every token would be banned keeps
+    them all (something must be emitted). Both off (0 and 1.0) return `logits` itself.
+    """
+    if no_repeat_ngram_size == 0 and repetition_penalty == 1.0:
+        return logits
+    logits = logits.float()  # (B, V)
+    if repetition_penalty != 1.0:
+        seen = logits.gather(-1, ids)  # (B, L) logits of the tokens already in each row
+        seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
+        logits = logits.scatter(-1, ids, seen)  # a repeated id writes the same value
+    if no_repeat_ngram_size > 0:
+        banned = _ngram_bans(ids, no_repeat_ngram_size, logits.size(-1))  # (B, V)
+        banned &= ~banned.all(dim=-1, keepdim=True)
+        logits = logits.masked_fill(banned, float("-inf"))
+    return logits
+
+
+def _ngram_bans(ids: Tensor, n: int, vocab_size: int) -> Tensor:
+    """(B, V) bool: True for a token that, after ids (B, L), repeats an n-gram of its row."""
+    B, L = ids.shape
+    counts = torch.zeros(B, vocab_size, dtype=torch.long, device=ids.device)  # (B, V)
+    if n > L:  # no complete n-gram yet
+        return counts.bool()
+    grams = ids.unfold(1, n, 1)  # (B, L - n + 1, n): every n-gram of each row
+    prefix = ids[:, L - n + 1 :]  # (B, n - 1): the start of the n-gram the next token ends
+    hit = (grams[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)  # (B, L - n + 1)
+    return counts.scatter_add_(1, grams[..., -1], hit.long()) > 0
+
+
 # --------------------------------------------------------------------------------------
 # Greedy and sampling
 # --------------------------------------------------------------------------------------
@@ -183,6 +246,7 @@ def generate(
     A sequence stops after it emits `eos_id`, decoding when every sequence has. The prompt is
     cropped from the left so prompt and continuation fit block_size. "beam" returns each
     row's best beam, scored with `length_penalty` (sum log p / length**length_penalty).
+    cfg's repetition levers apply to every strategy (`penalize_logits`).
     """
     if not isinstance(cfg, DecodingConfig):
         raise TypeError(f"cfg must be a DecodingConfig, got {type(cfg).__name__}")
@@ -191,8 +255,12 @@ def generate(
     device, _ = _model_device_dtype(model)
     ids = _crop(_as_batch(prompt_ids, device), cfg.max_new_tokens, model.config.block_size)
     if cfg.strategy == "beam":
-        beam_args = (cfg.num_beams, cfg.max_new_tokens, length_penalty, eos_id)
-        rows = [beam_search(model, row.tolist(), *beam_args, use_cache)[0][0] for row in ids]
+        beam_args = (cfg.num_beams, cfg.max_new_tokens, length_penalty, eos_id, use_cache)
+        levers = dict(
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+            repetition_penalty=cfg.repetition_penalty,
+        )
+        rows = [beam_search(model, row.tolist(), *beam_args, **levers)[0][0] for row in ids]
         if isinstance(prompt_ids, list):
             return rows[0]
         n = max(len(r) for r in rows)
@@ -217,6 +285,9 @@ def _decode(
     new: list[Tensor] = []
     for step in range(cfg.max_new_tokens):
         logits = stepper.logits()  # (B, V)
+        logits = penalize_logits(
+            logits, stepper.ids, cfg.no_repeat_ngram_size, cfg.repetition_penalty
+        )  # (B, V)
         if gen is None:
             tok = logits.argmax(dim=-1)  # (B,)
         else:
@@ -252,6 +323,9 @@ def beam_search(
     eos_id: int | None = None,
     use_cache: bool = True,
     early_stopping: bool = True,
+    *,
+    no_repeat_ngram_size: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> list[tuple[list[int], float]]:
     """The `num_beams` best continuations of one prompt with their scores, best first.
 
@@ -263,8 +337,11 @@ def beam_search(
     sum at the most favourable final length. With num_beams >= V**max_new_tokens every prefix
     survives, so the result is the exact most probable continuation. `early_stopping=False`
     always runs to max_new_tokens: the same result, slower (a reference for tests).
+    The repetition levers (`penalize_logits`) adjust each beam's logits on that beam's own
+    sequence before the log-softmax; an extension they ban (log p = -inf) is never kept.
     """
     _check_beam_args(num_beams, max_new_tokens)
+    _check_levers(no_repeat_ngram_size, repetition_penalty)
     device, _ = _model_device_dtype(model)
     ids = _as_batch(prompt_ids, device)
     if ids.size(0) != 1:
@@ -277,13 +354,17 @@ def beam_search(
         beams: list[list[int]] = [[]]  # generated tokens of each live beam
         sums = torch.zeros(1, dtype=torch.float64, device=device)  # (W,) sum of log-probs
         for step in range(1, max_new_tokens + 1):  # step = length after this token
-            logp = F.log_softmax(stepper.logits().double(), dim=-1)  # (W, V)
-            V, n_live = logp.size(-1), logp.numel()  # n_live: candidates that stay live
+            logits = penalize_logits(
+                stepper.logits(), stepper.ids, no_repeat_ngram_size, repetition_penalty
+            )  # (W, V)
+            logp = F.log_softmax(logits.double(), dim=-1)  # (W, V)
+            V = logp.size(-1)
             if eos_id is not None:
                 ended = _finish_with_eos(finished, beams, sums, logp, eos_id, step, length_penalty)
                 finished = sorted(ended, key=lambda b: -b[1])[:num_beams]
-                n_live -= len(beams)
             totals = (sums.unsqueeze(1) + logp).view(-1)  # (W * V,)
+            # Candidates that stay live: all but eos (masked above) and banned tokens.
+            n_live = int(torch.isfinite(totals).sum())
             sums, top_idx = totals.topk(min(num_beams, n_live))  # the best live extensions
             parents, tokens = top_idx // V, top_idx % V  # (W',) each
             beams = [[*beams[p], t] for p, t in zip(parents.tolist(), tokens.tolist(), strict=True)]
@@ -318,11 +399,13 @@ def _finish_with_eos(
 ) -> list[tuple[list[int], float]]:
     """Every live beam's eos extension added to `finished` as a scored hypothesis.
 
-    Then eos is masked out of `logp` (W, V) in place, so no live beam ends with it.
+    A beam whose eos is banned (log p = -inf, `penalize_logits`) adds none. Then eos is masked
+    out of `logp` (W, V) in place, so no live beam ends with it.
     """
     ended = list(finished)
     for beam, s in zip(beams, (sums + logp[:, eos_id]).tolist(), strict=True):
-        ended.append(([*beam, eos_id], _beam_score(s, step, length_penalty)))
+        if s > -math.inf:
+            ended.append(([*beam, eos_id], _beam_score(s, step, length_penalty)))
     logp[:, eos_id] = float("-inf")
     return ended
 

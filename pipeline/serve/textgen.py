@@ -54,7 +54,9 @@ DEFAULTS_FILE = "generation_defaults.json"  # in a registered package: register.
 #   (pipeline/model/generate.py), so the longest continuation is the whole context; a larger
 #   value is refused, never quietly lowered.
 # - num_beams applies to strategy beam only, as temperature, top_k and top_p apply to
-#   strategy sample only (the cost of beam search grows with the width: at most 64).
+#   strategy sample only (the cost of beam search grows with the width: at most 64);
+#   no_repeat_ngram_size (>= 0, 0 = off) and repetition_penalty (in (0, 10], 1 = off) apply
+#   to every strategy.
 # - prompts: 1 .. MAX_PROMPTS strings of at most MAX_PROMPT_CHARS characters each. Each
 #   prompt is decoded on its own, so a request costs prompts x max_new_tokens forward steps.
 MAX_PROMPTS = 64
@@ -70,6 +72,8 @@ FALLBACK_DEFAULTS: dict[str, Any] = {
     "top_p": 1.0,
     "num_beams": 1,
     "seed": 0,
+    "no_repeat_ngram_size": 0,
+    "repetition_penalty": 1.0,
     "return_full_text": True,
 }
 
