@@ -149,6 +149,8 @@ DECODING_EDGES = {
     "top_p": [0.005, 0.01, 1.0, 1.01, 0.0],
     "num_beams": [1, 64, 65, 0],
     "seed": [0, 2**63 - 1, 2**63, -1],
+    "no_repeat_ngram_size": [0, 3, -1, 2.5, True],
+    "repetition_penalty": [1.0, 1.3, 10.0, 10.5, 0.0, -1.0, float("nan")],
 }
 
 
