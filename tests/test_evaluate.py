@@ -98,6 +98,10 @@ def test_report_has_every_section(finetuned):
     )
     assert b["model_scores_whole_split"] is False  # evaluate.test_windows=16 here
     assert "## Baselines on the test split" in md and "| this model |" in md
+    sampled = report["source_kl"]["storyworld"]["sampling"]
+    assert set(sampled) == {"temperature", "top_k", "top_p"}
+    assert all(0 <= r["never_produced"] <= 1 for r in sampled.values())
+    assert "| storyworld | temperature |" in md
     task = report["task"]
     assert task["kind"] == "qa" and task["exact_match"] == report["task_accuracy"]
 
@@ -224,3 +228,45 @@ def test_task_answer_bits_per_byte_match_a_loop_over_examples(finetuned):
     assert got["examples"] == len(rows)
     assert got["answer_bits_per_byte"] == pytest.approx(bits / n_bytes, rel=1e-4)
     assert "exact_match" not in task_scores(model, tok, eot, cfg, "continuation")
+
+
+def brute_force_filtered_bits(model, seq: list[int], temperature: float, top_k: int) -> float:
+    """-log2 of seq[1:] under temperature/top-k sampling, by hand: one call per token, the
+    k largest logits kept, the rest never sampled."""
+    T, total = model.config.block_size, 0.0
+    with torch.no_grad():
+        for t in range(1, len(seq)):
+            logits = model(torch.tensor([seq[max(0, t - T) : t]]))[0][0, -1].double()  # (V,)
+            kept = logits.topk(top_k).indices if top_k else torch.arange(len(logits))
+            if seq[t] not in kept.tolist():
+                return float("inf")
+            z = logits[kept] / temperature
+            total -= (z[kept.tolist().index(seq[t])] - torch.logsumexp(z, 0)).item()
+    return total / M.LN2
+
+
+def test_sampling_code_lengths_match_a_token_by_token_computation(finetuned):
+    """doc_bits_under each strategy's filter = the sampling process's own probability."""
+    from functools import partial
+
+    from pipeline.model.generate import filter_logits
+
+    model = load_model(cfg_for(finetuned).path("finetune"))
+    V = model.config.vocab_size
+    ids = [[5, 17, 42, 9], [7, 7], list(range(1, 80))]  # the last spans two windows (T=64)
+    filters = {
+        "t0.7": partial(filter_logits, temperature=0.7),
+        "top_k": partial(filter_logits, top_k=V // 2),
+        "top_1": partial(filter_logits, top_k=1),  # greedy as a distribution: mostly inf
+    }
+    got = scoring.doc_bits_under(model, ids, 0, {"model": None, **filters}, batch=5)
+    for d, doc in enumerate(ids):
+        seq = [0, *doc, 0]
+        assert got["model"][d] == pytest.approx(brute_force_bits(model, seq), rel=1e-4)
+        assert got["t0.7"][d] == pytest.approx(
+            brute_force_filtered_bits(model, seq, 0.7, 0), rel=1e-4
+        )
+        want = brute_force_filtered_bits(model, seq, 1.0, V // 2)
+        assert got["top_k"][d] == pytest.approx(want, rel=1e-4)
+        assert got["top_1"][d] == brute_force_filtered_bits(model, seq, 1.0, 1)
+    assert float("inf") in got["top_1"]  # these documents are not all greedy's own output

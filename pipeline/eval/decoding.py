@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 
 import torch
 from tokenizers import Tokenizer
@@ -25,11 +26,51 @@ from pipeline.eval.generation import (
     validity_rate,
 )
 from pipeline.eval.lm import LN2
-from pipeline.eval.scoring import model_device
-from pipeline.model.generate import generate
+from pipeline.eval.scoring import LogitsFilter, model_device
+from pipeline.model.generate import filter_logits, generate
 from pipeline.model.gpt import GPT
 from pipeline.text.task_data import evaluate_task, read_examples, tokenize
 from pipeline.text.tokenizer import decode, encode_docs
+
+
+def strategies(cfg: Config, max_new_tokens: int, seed: int) -> dict[str, DecodingConfig]:
+    """The evaluated decoding strategies: each changes one setting of plain greedy decoding
+    (every filter off); the repetition levers are evaluate's, the same for every strategy."""
+    e = cfg.evaluate
+    greedy = DecodingConfig(
+        "greedy",
+        max_new_tokens,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        num_beams=1,
+        seed=seed,
+        no_repeat_ngram_size=e.no_repeat_ngram_size,
+        repetition_penalty=e.repetition_penalty,
+    )
+    return {
+        "greedy": greedy,
+        "beam": replace(greedy, strategy="beam", num_beams=e.num_beams),
+        "temperature": replace(greedy, strategy="sample", temperature=e.temperature),
+        "top_k": replace(greedy, strategy="sample", top_k=e.top_k),
+        "top_p": replace(greedy, strategy="sample", top_p=e.top_p),
+    }
+
+
+def sampling_filters(cfg: Config) -> dict[str, LogitsFilter]:
+    """Each sampling strategy's next-token distribution as a logits filter, for its KL rate.
+
+    Empty when a repetition lever is on: the distribution then depends on the text so far
+    in a way a per-position filter does not express, and no KL is claimed for it.
+    """
+    e = cfg.evaluate
+    if e.no_repeat_ngram_size or e.repetition_penalty != 1.0:
+        return {}
+    return {
+        name: partial(filter_logits, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p)
+        for name, d in strategies(cfg, 1, 0).items()
+        if d.strategy == "sample"
+    }
 
 
 def decode_all(
@@ -39,29 +80,9 @@ def decode_all(
     e, T = cfg.evaluate, model.config.block_size
     # Prompt and continuation share the context: leave at least half of it to the prompt.
     n = min(e.max_new_tokens, T // 2)
-    # Each strategy changes one setting of plain greedy decoding (every filter off); the
-    # repetition levers are evaluate's, the same for every strategy.
-    greedy = DecodingConfig(
-        "greedy",
-        n,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        num_beams=1,
-        seed=seed,
-        no_repeat_ngram_size=e.no_repeat_ngram_size,
-        repetition_penalty=e.repetition_penalty,
-    )
-    strategies = {
-        "greedy": greedy,
-        "beam": replace(greedy, strategy="beam", num_beams=e.num_beams),
-        "temperature": replace(greedy, strategy="sample", temperature=e.temperature),
-        "top_k": replace(greedy, strategy="sample", top_k=e.top_k),
-        "top_p": replace(greedy, strategy="sample", top_p=e.top_p),
-    }
     prompt_ids = encode_docs(tok, prompts)
     out: dict[str, list[str]] = {}
-    for name, dcfg in strategies.items():
+    for name, dcfg in strategies(cfg, n, seed).items():
         texts = []
         for p, ids in zip(prompts, prompt_ids, strict=True):
             # The prompt is cropped to fit T; length_penalty scores the beam strategy only.

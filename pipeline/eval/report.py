@@ -94,6 +94,34 @@ def _kl_section(source_kl: dict[str, dict[str, Any]]) -> list[str]:
         "the last column counts the documents longer than one context window.",
         "",
         *table(header, rows),
+        *_sampling_kl_table(source_kl),
+    ]
+
+
+def _sampling_kl_table(source_kl: dict[str, dict[str, Any]]) -> list[str]:
+    """Per source and sampling strategy: the KL rate of what that strategy samples."""
+    rows = [
+        [
+            name,
+            strategy,
+            f"{r['kl_bits_per_byte']:.4f}",
+            Md(f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"),
+            f"{r['never_produced']:.4f}",
+        ]
+        for name, per_source in source_kl.items()
+        for strategy, r in per_source.get("sampling", {}).items()
+    ]
+    if not rows:
+        return []
+    header = ["source", "sampling strategy", "KL bits/byte", "95% CI", "docs it never samples"]
+    return [
+        "",
+        "The same documents scored under each sampling strategy's own distribution (the",
+        "model's logits after its temperature, top-k or top-p): what sampling that way costs",
+        "against the source. A strategy that drops a token the source uses never samples",
+        "that document, so its KL is infinite.",
+        "",
+        *table(header, rows),
     ]
 
 

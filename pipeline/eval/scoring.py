@@ -9,6 +9,7 @@ on its own device (bf16 autocast on CUDA); losses are summed on the CPU in float
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -101,6 +102,11 @@ def scoring_windows(n: int, T: int) -> list[tuple[int, int, int]]:
     return [first] + [(t - T, T, T - 1) for t in range(T + 1, n)]
 
 
+# A change of the model's next-token logits, (N, V) -> (N, V), -inf for a token it never
+# emits: a sampling strategy's distribution (temperature, top-k, top-p) as a function.
+LogitsFilter = Callable[[torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
 def doc_bits(model: GPT, docs_ids: list[list[int]], eot: int, batch: int = 32) -> list[float]:
     """Total -log2 Q(doc) of each whole document, its end-of-text included, given a preceding EOT.
@@ -108,11 +114,28 @@ def doc_bits(model: GPT, docs_ids: list[list[int]], eot: int, batch: int = 32) -
     Every token of `[EOT, *doc, EOT]` after the first is predicted exactly once, with
     min(t, block_size) tokens of context (see `scoring_windows`), however long the document.
     """
+    return doc_bits_under(model, docs_ids, eot, {"model": None}, batch)["model"]
+
+
+@torch.no_grad()
+def doc_bits_under(
+    model: GPT,
+    docs_ids: list[list[int]],
+    eot: int,
+    filters: Mapping[str, LogitsFilter | None],
+    batch: int = 32,
+) -> dict[str, list[float]]:
+    """`doc_bits` under each of `filters` (None: the model itself), from one set of forwards.
+
+    A filter's distribution is the softmax of the filtered logits at every step, so a
+    document's code length under it is the code length of that sampling process producing
+    it; a token a filter removes costs inf bits.
+    """
     T = model.config.block_size
     seqs = [[eot, *ids, eot] for ids in docs_ids]
     calls = [(d, w) for d, s in enumerate(seqs) for w in scoring_windows(len(s), T)]
     dev = model_device(model)
-    totals = [0.0] * len(seqs)  # nats per document, summed in a fixed order
+    totals = {name: [0.0] * len(seqs) for name in filters}  # nats per document
     for start in range(0, len(calls), batch):
         group = calls[start : start + batch]
         length = max(w[1] for _, w in group)
@@ -124,31 +147,50 @@ def doc_bits(model: GPT, docs_ids: list[list[int]], eot: int, batch: int = 32) -
             y[row, first:n] = s[1 + first :]
         with autocast(dev):
             logits = model(x.to(dev))[0].cpu()  # (B, L, V) float32
-        nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), y, ignore_index=-1, reduction="none"
-        )  # (B, L), 0 where not scored
-        for (d, _), value in zip(group, nll.to(torch.float64).sum(1).tolist(), strict=True):
-            totals[d] += value
-    return [v / LN2 for v in totals]
+        scored = y != -1  # (B, L)
+        row_of = scored.nonzero()[:, 0]  # (N,) the group row of each scored position
+        for name, keep in filters.items():
+            step = logits[scored] if keep is None else keep(logits[scored])  # (N, V)
+            logp = torch.log_softmax(step.float(), dim=-1)  # (N, V)
+            nll = -logp.gather(1, y[scored].unsqueeze(1)).squeeze(1).to(torch.float64)  # (N,)
+            per_row = torch.zeros(len(group), dtype=torch.float64).index_add_(0, row_of, nll)
+            for (d, _), value in zip(group, per_row.tolist(), strict=True):
+                totals[name][d] += value  # summed in a fixed order: bit-identical re-runs
+    return {name: [v / LN2 for v in nats] for name, nats in totals.items()}
 
 
 def source_kl(
-    model: GPT, tok: Tokenizer, eot: int, sources: dict[str, SourceDocs]
+    model: GPT,
+    tok: Tokenizer,
+    eot: int,
+    sources: dict[str, SourceDocs],
+    sampling: Mapping[str, LogitsFilter] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """KL rate (bits/byte, with CI) of the model to each exact source, on its documents.
 
     `sources` maps a source's name to fresh documents drawn from it and their exact code
     lengths under it (`pipeline.data.eval_inputs.exact_sources`); the result has the same
-    keys in the same order.
+    keys in the same order. `sampling` (strategy name -> its logits filter) adds, per
+    source, the KL rate of each strategy's sampling distribution on the same documents
+    (`sampling.<strategy>`), with the share of documents it can never produce: a strategy
+    that drops a token the source uses has an infinite KL, however rarely it does.
     """
     T, results = model.config.block_size, {}
     for name, (docs, source_bits) in sources.items():
         ids = encode_docs(tok, docs)
-        model_bits = doc_bits(model, ids, eot)
+        bits = doc_bits_under(model, ids, eot, {"model": None, **(sampling or {})})
         n_bytes = [len(d.encode("utf-8")) for d in docs]
         results[name] = {
-            **kl_rate(model_bits, source_bits, n_bytes),
+            **kl_rate(bits.pop("model"), source_bits, n_bytes),
             # whole documents are scored: this many needed more than one model window
             "multi_window_docs": sum(len(scoring_windows(len(d) + 2, T)) > 1 for d in ids),
         }
+        if sampling:
+            results[name]["sampling"] = {
+                strategy: {
+                    **kl_rate(q, source_bits, n_bytes),
+                    "never_produced": float(np.mean(~np.isfinite(q))),
+                }
+                for strategy, q in bits.items()
+            }
     return results

@@ -55,7 +55,7 @@ from pipeline.data.baselines import classical_baselines
 from pipeline.data.eval_inputs import exact_sources, prompts_and_references, story_validator
 from pipeline.data.synthetic import finetune_kind
 from pipeline.eval.calibration import reliability_png
-from pipeline.eval.decoding import decode_all, generation_quality, task_scores
+from pipeline.eval.decoding import decode_all, generation_quality, sampling_filters, task_scores
 from pipeline.eval.flatness import sharpness_table
 from pipeline.eval.report import flat_numbers, markdown
 from pipeline.eval.scoring import source_kl, test_scores
@@ -93,7 +93,7 @@ def run(cfg: Config) -> dict[str, Any]:
         report: dict[str, Any] = {
             "test": test,
             "baselines": classical_baselines(cfg, test["bits_per_byte"], whole),
-            "source_kl": source_kl(model, tok, eot, sources),
+            "source_kl": source_kl(model, tok, eot, sources, sampling_filters(cfg)),
             "sharpness": sharpness_table(
                 cfg, test_tokens, derive_seed(cfg.seed, STAGE, "sharpness")
             ),
