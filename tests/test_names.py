@@ -68,6 +68,7 @@ EXPECTED: set[Decl] = {
     Decl("tokenizer", "deps", "synthetic", n.PRETRAIN_TRAIN),
     Decl("tokenizer", "deps", "validated", n.split_parquet("val")),
     Decl("tokenizer", "deps", "validated", n.split_parquet("test")),
+    Decl("evaluate", "deps", "validated", n.split_parquet("train")),  # the baselines' fit
     Decl("evaluate", "deps", "validated", n.split_parquet("test")),
     Decl("register", "deps", "validated", n.split_parquet("test")),
     # the model card assembles what the stages before it wrote
