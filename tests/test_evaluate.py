@@ -51,9 +51,15 @@ def finetuned(tmp_path_factory) -> Path:
     )
 
 
-def test_report_has_every_section(finetuned):
-    cfg = cfg_for(finetuned)
-    evaluate.run(cfg)
+@pytest.fixture(scope="module")
+def evaluated(finetuned) -> Path:
+    """The fine-tuned project after one evaluate run (its reports are the module's)."""
+    evaluate.run(cfg_for(finetuned))
+    return finetuned
+
+
+def test_report_has_every_section(evaluated):
+    cfg = cfg_for(evaluated)
     report = json.loads((cfg.path("reports") / "evaluate.json").read_text())
     test = report["test"]
     assert test["perplexity"] == pytest.approx(2.718281828 ** test["cross_entropy"], rel=1e-6)
@@ -106,9 +112,8 @@ def test_report_has_every_section(finetuned):
     assert task["kind"] == "qa" and task["exact_match"] == report["task_accuracy"]
 
 
-def test_rerun_gives_the_same_report(finetuned):
-    cfg = cfg_for(finetuned)
-    evaluate.run(cfg)
+def test_rerun_gives_the_same_report(evaluated):
+    cfg = cfg_for(evaluated)
     first = (cfg.path("reports") / "evaluate.json").read_bytes()
     evaluate.run(cfg)
     assert (cfg.path("reports") / "evaluate.json").read_bytes() == first
