@@ -31,7 +31,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from local_http import answers, free_port  # benchmarks/: the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -81,12 +82,6 @@ class Level:
             "errors": self.errors,
             "mean_chars": self.chars / n if n else 0.0,
         }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def champion_uri(tracking: str, name: str) -> str | None:
@@ -159,7 +154,7 @@ def served(model_uri: str, tracking: str, workers: int, log: Path) -> Iterator[i
         )
     try:
         deadline = time.monotonic() + 180  # a cold start on 2 busy cores: tens of seconds
-        while not _answers(port):
+        while not answers(port, "/ping"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"server did not start; its log:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
@@ -172,15 +167,6 @@ def served(model_uri: str, tracking: str, workers: int, log: Path) -> Iterator[i
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-
-
-def _answers(port: int) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        conn.request("GET", "/ping")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
 
 
 def client_loop(port: int, body: bytes, stop_at: float, out: Level, lock: threading.Lock) -> None:

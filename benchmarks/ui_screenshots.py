@@ -29,12 +29,10 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from local_http import answers, free_port  # benchmarks/: the script's folder
 
 BIN = Path(sys.executable).parent
 SQLITE = "sqlite:///"
@@ -177,22 +176,6 @@ def local_artifact_root(project: Project) -> str | None:
     return str(path.parent)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answers(port: int) -> bool:
-    """True when the MLflow server on `port` answers /health with 200."""
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        conn.request("GET", "/health")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-
-
 def stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the server's process group, SIGKILL after 30 s."""
     with contextlib.suppress(ProcessLookupError):
@@ -227,7 +210,7 @@ def mlflow_ui(project: Project, workdir: Path, startup_s: float) -> Iterator[str
         )
     try:
         deadline = time.monotonic() + startup_s
-        while not answers(port):
+        while not answers(port, "/health"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 what = "exited" if proc.poll() is not None else f"did not answer in {startup_s}s"
                 raise ScreenshotError(
