@@ -33,6 +33,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.stage_line import stage_line
 from flows.streaming import stream_command
 from pipeline.config import Config, load_config
 from pipeline.core.io import atomic_write_json, atomic_write_text
@@ -93,10 +94,11 @@ def pretrain_point(
     memory) and runs exactly the code DVC runs, so a point reproduces as a stage run would.
     """
     t0 = time.perf_counter()
-    code, lines = stream_command(argv, root, point_env(parent_run_id), name)
-    if code != 0:
-        tail = "\n".join(lines[-20:])
-        raise SweepError(f"sweep point {name}: pretraining exited {code}:\n{tail}")
+    with stage_line(name):  # on a terminal: one line redrawn in place; raising marks it failed
+        code, lines = stream_command(argv, root, point_env(parent_run_id), name)
+        if code != 0:
+            tail = "\n".join(lines[-20:])
+            raise SweepError(f"sweep point {name}: pretraining exited {code}:\n{tail}")
     result = json.loads(Path(report).read_text(encoding="utf-8"))
     return {**result, "seconds": round(time.perf_counter() - t0, 1)}
 
