@@ -299,14 +299,17 @@ def test_serve_creates_a_cron_deployment(project: Path, prefect_api: str) -> Non
         deployment = _wait_for_deployment(f"{FLOW_NAME}/served", proc, timeout=120)
     finally:
         proc.send_signal(signal.SIGINT)
+        # communicate, not wait: it drains the pipe, so a chatty shutdown never blocks on a
+        # full stdout buffer (which would read as "Ctrl-C does not stop serve").
         try:
-            proc.wait(timeout=30)
+            output, _ = proc.communicate(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
+            output, _ = proc.communicate()
     (schedule,) = deployment.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 1 1 *", "Europe/Berlin")
     assert deployment.parameters == {"preset": "ci", "overrides": [], "root": str(project)}
-    assert proc.returncode == 0
+    assert proc.returncode == 0, f"serve exited {proc.returncode} after Ctrl-C:\n{output[-3000:]}"
     with _client() as client:  # Ctrl-C pauses the schedule; serving again resumes it
         assert client.read_deployment_by_name(f"{FLOW_NAME}/served").paused
 
