@@ -72,3 +72,18 @@ def test_drift_gate_fails_and_keeps_previous_outputs(validated):
 def test_missing_validated_split_is_a_clear_error(project):
     with pytest.raises(GateFailed, match=r"train\.parquet: validated split not found"):
         synthesize.run(cfg_for(project))
+
+
+@pytest.mark.parametrize(
+    "off", ["synthesize.synthetic_share=0.0", "synthesize.max_synthetic_docs=0"]
+)
+def test_no_augmentation_is_a_run_with_only_real_text(project, off):
+    """Both params allow 0: the mix is the real split alone, and nothing is left to check."""
+    cfg = cfg_for(project, "validate.sources=[{kind: storyworld, num_docs: 400}]", off)
+    validate.run(cfg)
+    summary = synthesize.run(cfg)
+    mix = pq.read_table(cfg.path("synthetic") / "pretrain_train.parquet").to_pydict()
+    assert set(mix["source"]) == {"real"} and summary["mix"]["synthetic_bytes"] == 0
+    report = json.loads((cfg.path("reports") / "synthesize.json").read_text())
+    for gen in cfg.synthesize.generators:
+        assert report["checks"][gen]["checked"] == "no documents to check"

@@ -210,6 +210,9 @@ def check_augmentation(
     for gen, docs in synthetic.items():
         kept, leaks = drop_contaminated(docs, index)
         kept_sets[gen] = kept
+        if not kept:  # synthetic_share or max_synthetic_docs 0, or every doc leaked
+            checks[gen] = {"contamination": leaks, "checked": "no documents to check"}
+            continue
         checks[gen] = {"contamination": leaks, **check_synthetic(cfg, kept, gen, real)}
         failures += checks[gen].pop("failures")
     return kept_sets, checks, failures
