@@ -22,7 +22,12 @@ from conftest import cfg_for
 
 from pipeline.config import GateConfig
 from pipeline.core.errors import LmforgeError
-from pipeline.data.baselines import classical_baselines, fitted_ngram, xz_bits_per_byte
+from pipeline.data.baselines import (
+    classical_baselines,
+    fitted_ngram,
+    unseen_chars,
+    xz_bits_per_byte,
+)
 from pipeline.serve.gate import check_gate
 
 TRAIN = [
@@ -83,7 +88,8 @@ def test_xz_conditioning_on_train_makes_a_repeat_nearly_free():
 
 
 def test_ngram_prices_unseen_test_characters_and_stays_normalized():
-    model = fitted_ngram(TRAIN, TEST, order=3, smoothing="kneser_ney", k=0.1, d=0.75)
+    unseen = unseen_chars(TRAIN, TEST)
+    model = fitted_ngram(TRAIN, unseen, order=3, smoothing="kneser_ney", k=0.1, d=0.75)
     assert "!" in model.vocab
     assert math.isfinite(model.log_prob(TEST[1]))
     for context in ("", "a", "the ca", "dog!"):

@@ -67,11 +67,15 @@ def xz_bits_per_byte(train: list[str], test: list[str], preset: int = XZ_PRESET)
     return 8.0 * extra / utf8_bytes(test)
 
 
+def unseen_chars(train: list[str], test: list[str]) -> set[str]:
+    """The characters of `test` that `train` never holds."""
+    return set("".join(test)) - set("".join(train))
+
+
 def fitted_ngram(
-    train: list[str], test: list[str], order: int, smoothing: str, k: float, d: float
+    train: list[str], unseen: set[str], order: int, smoothing: str, k: float, d: float
 ) -> NGramModel:
-    """An n-gram fitted on `train` whose vocabulary also holds the characters of `test`."""
-    unseen = set("".join(test)) - set("".join(train))
+    """An n-gram fitted on `train` whose vocabulary also holds the `unseen` test characters."""
     return NGramModel(order, smoothing, k, d).fit(train, extra_symbols=unseen)  # type: ignore[arg-type]
 
 
@@ -86,9 +90,9 @@ def classical_baselines(
     validated = cfg.path("validated")
     train = read_texts(validated / split_parquet("train"))
     test = read_texts(validated / split_parquet("test"))
-    m = cfg.synthesize.mimic
-    ngram = fitted_ngram(train, test, m.order, m.smoothing, m.k, m.discount)
-    unigram = fitted_ngram(train, test, 1, "add_k", UNIGRAM_K, m.discount)
+    m, unseen = cfg.synthesize.mimic, unseen_chars(train, test)
+    ngram = fitted_ngram(train, unseen, m.order, m.smoothing, m.k, m.discount)
+    unigram = fitted_ngram(train, unseen, 1, "add_k", UNIGRAM_K, m.discount)
     ngram_bpb = ngram.bits_per_byte(test)
     if not math.isfinite(ngram_bpb):  # cannot happen with every test character in the vocab
         raise LmforgeError("n-gram baseline: a test document has probability 0")
@@ -103,7 +107,7 @@ def classical_baselines(
         "train_docs": len(train),
         "test_docs": len(test),
         "test_bytes": utf8_bytes(test),
-        "unseen_test_chars": len(set("".join(test)) - set("".join(train))),
+        "unseen_test_chars": len(unseen),
         "model_scores_whole_split": model_whole_split,
         "gain_over_ngram": ngram_bpb - model_bits_per_byte,
     }
