@@ -283,7 +283,11 @@ def test_deploy_all_to_another_pool(deployed: list[str], project: Path) -> None:
 @pytest.mark.slow
 def test_serve_creates_a_cron_deployment(project: Path, prefect_api: str) -> None:
     """`serve_with_schedule` in its own process: the served deployment carries the schedule."""
+    # A background job of a non-interactive shell (`make test &`, `nohup ... &`) inherits
+    # SIGINT as ignored, and so would this child: Ctrl-C would then never reach serve. Give it
+    # the handler a terminal's foreground process has, so the test means the same everywhere.
     code = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
         "from flows.deployments import serve_with_schedule;"
         " serve_with_schedule('0 2 1 1 *', 'Europe/Berlin', 'ci', '.')"
     )
