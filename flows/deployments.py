@@ -333,6 +333,10 @@ def serve_with_schedule(
     `lm-pipeline/served` and runs its scheduled (and `prefect deployment run`) flow runs in
     subprocesses; no work pool or worker. The cron string, timezone, preset and overrides are
     checked before anything starts, and a server must be reachable (PREFECT_API_URL).
+
+    Stop it with Ctrl-C, or with `kill <pid>` (SIGTERM) when it runs as a background job
+    (`lmforge serve ... &` in a script): the shell starts such a job with SIGINT ignored.
+    Either way the schedule is paused on the server before the process exits.
     """
     schedule = cron_schedule(cron, timezone)
     root_path = Path(root).resolve()
