@@ -370,6 +370,26 @@ def test_synthetic_share_target_and_drift_per_generator(run_root):
     assert "0.2552 bits/byte" in syn and "qa task, 32 train / 8 test examples" in syn
 
 
+def test_a_real_text_run_without_a_source_entropy_renders_its_card(run_root):
+    # Measured: the shakespeare preset's register stage failed here ("no key
+    # 'source_entropy'") once its model passed the gate: `in` on a report raised.
+    # Then "no key 'checks.mimic.drift'": with synthetic_share 0 no mimic sample is added,
+    # so synthesize checks none and reports why instead of a drift.
+    reports = copy.deepcopy(REPORTS)
+    syn_report = reports["synthesize"]
+    del syn_report["source_entropy"]
+    syn_report["checks"]["mimic"] = {
+        "checked": "no documents to check",
+        "contamination": {"contaminated": 0, "n_docs": 0},
+    }
+    syn_report["mix"]["synthetic_docs"]["mimic"] = 0
+    write_run(run_root, {"synthesize": syn_report})
+    syn = section(card(run_root), "Synthetic data")
+    assert "Story-world source entropy rate" not in syn
+    mimic = ["mimic", "0", "1", "n/a", "n/a", "0", "no documents to check"]
+    assert cells(row(syn, "mimic")) == mimic
+
+
 def test_tokenizer_section_reads_meta_json_including_another_end_of_text_token(run_root):
     tok = section(card(run_root), "Tokenizer")
     assert "`<|endoftext|>` (id 0)" in tok and cells(row(tok, "train")) == [

@@ -40,6 +40,14 @@ class Report(Mapping[str, Any]):
             return [self._wrap(v, (*keys[:-1], f"{keys[-1]}[{i}]")) for i, v in enumerate(value)]
         return Report(value, self._where, keys) if isinstance(value, dict) else value
 
+    # Mapping's own `in` and get() call __getitem__ and catch only KeyError, so the error
+    # above would escape a plain membership test (a real-text run has no source_entropy).
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self._data else default
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._data)
 

@@ -130,11 +130,16 @@ def synthetic_section(inp: CardInputs) -> list[str]:
         )
     rows = []
     for gen in gens:
-        drift, check = report["checks"][gen]["drift"], report["checks"][gen]
-        gx = Md("passed") if check["gx_success"] else Md("**failed**")
+        check = report["checks"][gen]
         counts = (mix["synthetic_docs"][gen], mix["rejected_for_length"][gen])
+        contaminated = check["contamination"]["contaminated"]
+        if "checked" in check:  # no document was added (e.g. synthetic_share 0): no drift
+            rows.append((gen, *counts, "n/a", "n/a", contaminated, check["checked"]))
+            continue
+        drift = check["drift"]
+        gx = Md("passed") if check["gx_success"] else Md("**failed**")
         kl, dist = drift["unigram_kl_bits"], drift["length_distance"]
-        rows.append((gen, *counts, kl, dist, check["contamination"]["contaminated"], gx))
+        rows.append((gen, *counts, kl, dist, contaminated, gx))
     header = ["generator", "docs added", "rejected (length)", "unigram KL (bits)"]
     header += ["length distance", "contaminated", "GX suite"]
     return [*bullets(items), "", "Drift against the real corpus:", "", *table(header, rows)]
