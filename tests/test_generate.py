@@ -805,3 +805,33 @@ def test_decode_all_applies_evaluates_levers_to_every_strategy(monkeypatch) -> N
     assert set(gens) == {"greedy", "beam", "temperature", "top_k", "top_p"}
     assert len(seen) == 5
     assert {(d.no_repeat_ngram_size, d.repetition_penalty) for d in seen} == {(3, 1.3)}
+
+
+def test_continuation_budget_fills_the_window_a_prompt_leaves() -> None:
+    from pipeline.eval.decoding import continuation_budget
+
+    # (max_new_tokens, block_size, context_len) -> min(max_new, max(T // 2, T - context)).
+    assert continuation_budget(96, 128, 11) == 96  # a first sentence: the whole story fits
+    assert continuation_budget(96, 128, 40) == 88  # up to the end of the window, no further
+    assert continuation_budget(96, 128, 100) == 64  # a long prompt keeps half the window
+    assert continuation_budget(20, 128, 11) == 20  # never more than asked for
+
+
+def test_decode_all_gives_each_prompt_the_room_its_window_leaves(monkeypatch) -> None:
+    from pipeline.config import load_config
+    from pipeline.eval import decoding
+
+    cfg = load_config(Path(__file__).resolve().parents[1])
+    ev = dataclasses.replace(cfg.evaluate, max_new_tokens=96)
+    budgets: list[int] = []
+    lengths = {"short": 3, "long": 79}  # + the end-of-text start: contexts of 4 and 80
+    monkeypatch.setattr(decoding, "encode_docs", lambda tok, ps: [[1] * lengths[p] for p in ps])
+    monkeypatch.setattr(decoding, "decode", lambda tok, ids: "")
+    monkeypatch.setattr(
+        decoding, "generate", lambda m, ids, d, **kw: budgets.append(d.max_new_tokens) or [0]
+    )
+    model = tiny_model()
+    T = model.config.block_size  # 16: budgets 12 (T - 4) and 8 (half the window)
+    decoding.decode_all(model, None, 0, ["short", "long"], dataclasses.replace(cfg, evaluate=ev), 1)
+    expected = [T - 4, T // 2]
+    assert budgets == expected * 5  # the same two budgets for each of the five strategies

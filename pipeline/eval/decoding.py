@@ -78,18 +78,34 @@ def decode_all(
 ) -> dict[str, list[str]]:
     """Generations (prompt + continuation) per decoding strategy; sampling uses `seed`."""
     e, T = cfg.evaluate, model.config.block_size
-    # Prompt and continuation share the context: leave at least half of it to the prompt.
-    n = min(e.max_new_tokens, T // 2)
     prompt_ids = encode_docs(tok, prompts)
     out: dict[str, list[str]] = {}
-    for name, dcfg in strategies(cfg, n, seed).items():
+    for name, dcfg in strategies(cfg, e.max_new_tokens, seed).items():
         texts = []
         for p, ids in zip(prompts, prompt_ids, strict=True):
-            # The prompt is cropped to fit T; length_penalty scores the beam strategy only.
-            new = generate(model, [eot, *ids], dcfg, eos_id=eot, length_penalty=e.length_penalty)
+            n = continuation_budget(e.max_new_tokens, T, 1 + len(ids))
+            # A longer prompt is cropped to fit T; length_penalty scores the beam strategy only.
+            new = generate(
+                model,
+                [eot, *ids],
+                replace(dcfg, max_new_tokens=n),
+                eos_id=eot,
+                length_penalty=e.length_penalty,
+            )
             texts.append(p + decode(tok, _until(new, eot)))
         out[name] = texts
     return out
+
+
+def continuation_budget(max_new_tokens: int, block_size: int, context_len: int) -> int:
+    """New tokens for a prompt of `context_len` ids (end-of-text start included).
+
+    As many as still fit in one window of `block_size`, so the model sees the whole
+    prompt and everything it wrote (a story world story is scored whole only if it ends
+    within the budget). A prompt longer than half the window keeps half of it: the
+    prompt is then cropped from the left.
+    """
+    return min(max_new_tokens, max(block_size // 2, block_size - context_len))
 
 
 def _until(ids: Sequence[int] | torch.Tensor, eot: int) -> list[int]:
