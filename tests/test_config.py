@@ -90,6 +90,10 @@ def test_size_presets_set_the_same_keys():
         }
 
     assert keys(preset_overrides(REPO, "ci")) == keys(preset_overrides(REPO, "default"))
+    # A preset writes into params.yaml, so `--preset default` after `--preset shakespeare`
+    # restores only the keys default sets: it must set every key another preset changes.
+    for preset in ("ci", "shakespeare"):
+        assert keys(preset_overrides(REPO, preset)) <= keys(preset_overrides(REPO, "default"))
 
 
 def test_default_preset_is_the_committed_params():
