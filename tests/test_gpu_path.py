@@ -245,7 +245,8 @@ def test_mfu_is_per_device_and_per_dtype():
     # fp32 runs are measured against the fp32/TF32 peak, not the bf16 one.
     assert compute_dtype(torch.device("cuda", 0), "float32") == torch.float32
     assert compute_dtype(torch.device("cuda", 0), "auto") == bf16
-    assert compute_dtype(torch.device("cpu"), "bfloat16") == torch.float32
+    assert compute_dtype(torch.device("cpu"), "auto") == torch.float32
+    assert compute_dtype(torch.device("cpu"), "bfloat16") == bf16  # opt-in CPU autocast
 
 
 # --------------------------------------------------------------------------------------

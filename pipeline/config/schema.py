@@ -203,7 +203,9 @@ class PretrainConfig:
         "auto: single with one process, DDP with more"
     )
     device: Literal["auto", "cpu", "cuda"] = spec("auto: CUDA when available")
-    dtype: Literal["auto", "float32", "bfloat16"] = spec("auto: bf16 autocast on CUDA, fp32 on CPU")
+    dtype: Literal["auto", "float32", "bfloat16"] = spec(
+        "auto: bf16 autocast on CUDA, fp32 on CPU; bfloat16 also autocasts on CPU"
+    )
     # YAML 1.1 reads a bare on/off (also in `--set pretrain.compile=on`) as true/false, so
     # the booleans are accepted too and read as "on"/"off" (`__post_init__`).
     compile: Literal["auto", "on", "off", True, False] = spec(

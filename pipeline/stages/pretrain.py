@@ -9,8 +9,9 @@ One process, DDP or FSDP2, on CPU or CUDA, chosen by `pretrain.*` and torchrun's
 environment (see pipeline/train/distributed.py for multi-node flags). Next-token cross-entropy,
 AdamW (fused on CUDA, decay on matrices only), linear warm-up then cosine decay, gradient
 clipping, gradient accumulation to `pretrain.tokens_per_step`, bf16 autocast and TF32 on
-CUDA, fp32 on CPU, optional torch.compile. The loop is pipeline/train/loop.py; this module
-only tracks the run (rank 0), turns SIGTERM into a checkpoint and calls the library.
+CUDA, fp32 on CPU (bf16 autocast with `pretrain.dtype=bfloat16`), optional torch.compile.
+The loop is pipeline/train/loop.py; this module only tracks the run (rank 0), turns SIGTERM
+into a checkpoint and calls the library.
 
 Outputs: `paths.pretrain/` (`model.safetensors`, `model_config.json`, `config.yaml`),
 checkpoints in `paths.checkpoints/` (resume continues the same trajectory, bit-identical

@@ -7,7 +7,8 @@
 Next-token cross-entropy, AdamW (`pipeline.train.optim`), linear warm-up then cosine decay
 (`lr_at`), gradient clipping, gradient accumulation to `pretrain.tokens_per_step`
 (`grad_accum_steps`; DDP syncs on the last micro-step only), bf16 autocast on CUDA, fp32 on
-CPU, optional torch.compile (DDP compiled whole, FSDP2 per block: `distributed.wrap`).
+CPU unless `pretrain.dtype: bfloat16`, optional torch.compile (DDP compiled whole, FSDP2
+per block: `distributed.wrap`).
 Which checkpoint may be resumed is decided by `pipeline.train.resume` (the training digest).
 
 The tracker is any object with `log_metrics` (`MetricsLogger`): the stage passes MLflow's,
@@ -118,12 +119,12 @@ class Trainer:
     stop_requested: bool = False
 
     def compute_dtype(self) -> torch.dtype:
-        """bf16 (autocast) on CUDA unless `pretrain.dtype` is float32; float32 on CPU."""
+        """`pretrain.dtype`; "auto" is bf16 (autocast) on CUDA, float32 on CPU."""
         return compute_dtype(self.info.device, self.cfg.pretrain.dtype)
 
     def autocast(self) -> torch.autocast:
         use_bf16 = self.compute_dtype() == torch.bfloat16
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+        return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     def unwrapped(self) -> torch.nn.Module:
         """The module under torch.compile (DDP, FSDP or plain): state dicts and no_sync."""

@@ -66,8 +66,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 def compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
-    """The dtype matmuls run in for `pretrain.dtype`: bf16 autocast on CUDA unless float32."""
-    return torch.bfloat16 if device.type == "cuda" and dtype != "float32" else torch.float32
+    """The dtype matmuls run in for `pretrain.dtype`: what it names, and for "auto" bf16
+    autocast on CUDA, float32 on CPU (bf16 on CPU is opt-in: benchmarks/cpu_levers.py)."""
+    if dtype in ("bfloat16", "float32"):
+        return getattr(torch, dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def mfu(
