@@ -28,6 +28,11 @@ import typer
 from pipeline.config import ConfigError, describe, find_root, list_presets, load_config
 from pipeline.core.names import STAGES, TOKENIZER_FILE
 
+# The embedded default is offline: Prefect's temporary server would log an ERROR ("Failed
+# to send telemetry") at start-up and every ten minutes. Prefect is imported lazily, after
+# this; a user's own setting wins.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 app = typer.Typer(help="lmforge: train GPT-style language models end to end.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")

@@ -397,3 +397,22 @@ def test_the_gx_artifact_marks_sampled_checks_that_do_not_decide(tmp_path: Path)
     rows = gx_markdown(reports).splitlines()[-2:]
     assert "| no (sample; the exact share decides) | 2.5 |" in rows[0]
     assert "| **no** | 1 |" in rows[1]
+
+
+def test_the_cli_turns_off_prefects_telemetry_unless_the_user_set_it():
+    """Offline, Prefect's temporary server logged "ERROR ... Failed to send telemetry" at
+    start-up and every ten minutes of `lmforge run` (measured on the default preset)."""
+    probe = (
+        "import flows.cli; from prefect.settings import get_current_settings; "
+        "print(get_current_settings().server.analytics_enabled)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == "False"
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "true"  # the user's choice wins
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == "True"
