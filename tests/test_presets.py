@@ -4,8 +4,8 @@
 tests/test_pipeline_e2e.py through Prefect and DVC. The other presets change the sources and
 the synthetic mix; here each runs all seven stages in process (the chain's logic, without
 the orchestration the e2e test covers) with every size of `presets/ci.yaml` on top. A
-preset's own sources stay as shipped: a file it reads at a relative path gets a stand-in of
-the same layout at that path, since tests must not depend on `../shared`.
+preset's own sources and synthetic mix stay as shipped: a file it reads at a relative path
+gets a stand-in of the same layout at that path, since tests must not depend on `../shared`.
 """
 
 from __future__ import annotations
@@ -51,10 +51,16 @@ def play_text(n_speeches: int, seed: int = 0) -> str:
     return "\n\n".join(speeches) + "\n"
 
 
+# What `ci` reads and mixes rather than how much: each preset keeps its own choice.
+DATA_CHOICES = {"validate": ["sources"], "synthesize": ["generators", "synthetic_share"]}
+
+
 def ci_sizes() -> list[str]:
-    """`presets/ci.yaml` as --set overrides, its sources left out (the preset keeps its own)."""
+    """`presets/ci.yaml` as --set overrides, its data choices left out."""
     ci = yaml.safe_load((REPO / "presets" / "ci.yaml").read_text())
-    ci.get("validate", {}).pop("sources", None)
+    for section, keys in DATA_CHOICES.items():
+        for key in keys:
+            ci.get(section, {}).pop(key, None)
     return [f"{k}={json.dumps(v)}" for k, v in flatten(ci, lists="keep").items()]
 
 
@@ -74,6 +80,10 @@ def test_shipped_preset_runs_every_stage_at_ci_sizes(preset, tmp_path):
     root = make_project(tmp_path / "proj", preset=preset, overrides=ci_sizes())
     stand_in_sources(root, preset)
     cfg = cfg_for(root)
+    shipped = yaml.safe_load((REPO / "presets" / f"{preset}.yaml").read_text())
+    for key in DATA_CHOICES["synthesize"]:  # the preset's mix, not ci's
+        if key in shipped.get("synthesize", {}):
+            assert getattr(cfg.synthesize, key) == shipped["synthesize"][key], key
     for stage in CHAIN:
         stage.run(cfg)
     reports = cfg.path("reports")
