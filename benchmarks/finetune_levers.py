@@ -1,0 +1,138 @@
+"""Fine-tuning levers on a finished run's pretrained model: task skill vs valid stories.
+
+    .venv/bin/python benchmarks/finetune_levers.py            # after `make run`, in the project
+    .venv/bin/python benchmarks/finetune_levers.py --prompts 50 --only "replay 3.0 (params.yaml)"
+    .venv/bin/python benchmarks/finetune_levers.py --set paths.pretrain=/tmp/other/model
+
+Issue 15 found that fine-tuning on the question-answer set is what makes the shipped
+model's stories invalid: the pretrained model's greedy stories are valid, the fine-tuned
+model learns to copy the place from the context, which the grammar forbids. Each row here
+fine-tunes a fresh copy of `paths.pretrain` with the stage's own loop
+(`pipeline.train.finetune.train_method`, `finetune.method` from params.yaml, the same
+batches in the same order) with one `finetune.*` setting changed, then scores it:
+
+- task accuracy and held-out answer loss, the stage's own `score`;
+- validity / repetition-4 of evaluate's own decoding (`decode_all`, `generation_quality`)
+  on evaluate's prompts, seed and budget rule: greedy, beam, temperature, top-p.
+
+The first row is the pretrained model without fine-tuning. Nothing the pipeline wrote is
+touched: no model, report or MLflow run is written. Needs a story-world corpus (validity
+is the grammar's check). Not a test: it prints a table for benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.core.io import atomic_write_json  # noqa: E402
+from pipeline.core.names import TOKENIZER_FILE  # noqa: E402
+from pipeline.core.seeding import derive_seed  # noqa: E402
+from pipeline.data.eval_inputs import prompts_and_references, story_validator  # noqa: E402
+from pipeline.eval.decoding import decode_all, generation_quality  # noqa: E402
+from pipeline.model.gpt import GPT  # noqa: E402
+from pipeline.text.shards import read_meta  # noqa: E402
+from pipeline.text.tokenizer import load_tokenizer  # noqa: E402
+from pipeline.train.finetune import (  # noqa: E402
+    finetune_device,
+    load_data,
+    load_pretrained,
+    train_method,
+)
+
+# (name, finetune.* changes), one lever at a time from params.yaml; None = no fine-tuning.
+LEVERS: list[tuple[str, dict | None]] = [
+    ("pretrained, no fine-tuning", None),
+    ("replay 3.0 (params.yaml)", {}),
+    ("replay 6.0", {"replay": 6.0}),
+    ("replay 10.0", {"replay": 10.0}),
+    ("75 steps", {"max_steps": 75}),
+    ("SWA from 25% of the steps", {"swa_start": 0.25}),
+    ("lr 5e-4, replay 6.0", {"lr": 5e-4, "replay": 6.0}),
+    ("replay 20.0", {"replay": 20.0}),
+    ("replay 30.0", {"replay": 30.0}),
+    ("lr 2e-3, replay 10.0", {"lr": 2e-3, "replay": 10.0}),
+    ("replay 15.0", {"replay": 15.0}),
+    ("lr 2e-3, replay 20.0", {"lr": 2e-3, "replay": 20.0}),
+]
+STRATEGIES = ("greedy", "beam", "temperature", "top_p")
+
+
+def finetuned(cfg: Config, change: dict) -> GPT:
+    """A fresh copy of the pretrained model, fine-tuned with `change` over params.yaml."""
+    lever = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **change))
+    device = finetune_device(lever)
+    gcfg, weights = load_pretrained(lever)
+    data = load_data(lever, gcfg, device)
+    model = train_method(lever.finetune.method, lever, gcfg, weights, data, device)
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("."), help="the project folder")
+    parser.add_argument("--prompts", type=int, default=None, help="default: evaluate.prompts")
+    parser.add_argument("--only", action="append", default=None, help="run this row (repeatable)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--set", action="append", default=[], help="a params.yaml override k=v")
+    args = parser.parse_args()
+    cfg = load_config(args.root, overrides=args.set)
+    if args.prompts:
+        cfg = dataclasses.replace(
+            cfg, evaluate=dataclasses.replace(cfg.evaluate, prompts=args.prompts)
+        )
+    is_valid = story_validator(cfg)
+    if is_valid is None:
+        raise SystemExit("finetune_levers: validity needs a story-world corpus (validate.sources)")
+    unknown = set(args.only or []) - {name for name, _ in LEVERS}
+    if unknown:
+        raise SystemExit(f"finetune_levers: no row named {sorted(unknown)}")
+    tok_dir = cfg.path("tokenizer")
+    tok, eot = load_tokenizer(tok_dir / TOKENIZER_FILE), read_meta(tok_dir)["eot_id"]
+    prompts, refs = prompts_and_references(cfg)
+    seed = derive_seed(cfg.seed, "evaluate", "decode") % 2**31  # evaluate's decoding seed
+    device = finetune_device(cfg)
+    print(f"{len(prompts)} prompts, method {cfg.finetune.method}, from {cfg.path('pretrain')}")
+    rows = []
+    for name, change in LEVERS:
+        if args.only and name not in args.only:
+            continue
+        t0 = time.perf_counter()
+        if change is None:
+            gcfg, weights = load_pretrained(cfg)
+            model, task = GPT(gcfg).to(device), {}
+            model.load_state_dict(weights)
+            model.eval()
+        else:
+            model = finetuned(cfg, change)
+            task = load_data(cfg, model.config, device).score(model)
+        train_s = time.perf_counter() - t0
+        gens = decode_all(model, tok, eot, prompts, cfg, seed)
+        quality = generation_quality(gens, refs, is_valid)
+        row = {"lever": name, "change": change, "train_seconds": train_s, **task}
+        rows.append({**row, "quality": quality})
+        acc = f"{task['task_accuracy']:.3f}" if task else "  n/a"
+        loss = f"{task['answer_loss']:.3f}" if task else "  n/a"
+        cells = "  ".join(
+            f"{s} {quality[s]['validity_rate']:.2f}/{quality[s]['repetition_4']:.2f}"
+            for s in STRATEGIES
+            if s in quality
+        )
+        print(
+            f"{name:28s} acc {acc} loss {loss}  validity/repetition-4: {cells}"
+            f"  ({train_s:.0f} s fine-tuning)",
+            flush=True,
+        )
+    if args.out:
+        atomic_write_json(args.out, {"prompts": len(prompts), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
