@@ -269,7 +269,7 @@ class FinetuneConfig:
         "weight of a language-model loss on a pretraining batch added to every task step "
         "(0 = off): keeps the model a language model while it learns the task",
         min=0.0,
-        max=10.0,
+        max=100.0,
     )
     sharpness_rho: float = spec("radius of the epsilon-sharpness ball", min=1e-6)
     sharpness_steps: int = spec("projected ascent steps for epsilon-sharpness", min=1)
