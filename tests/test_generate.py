@@ -474,6 +474,41 @@ def test_full_width_beam_search_with_eos_is_exact_under_the_length_penalty(
     assert any(seq[-1] == eos for seq, _ in beams)
 
 
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
+def test_prefer_finished_returns_the_best_ended_beam_before_any_cut_off_one(
+    length_penalty: float,
+) -> None:
+    # Full width, so the exact answer is known by brute force: the best of the candidates
+    # that end with eos. Seed 2's overall best is cut off by the budget (no eos), so the
+    # two rankings differ and the flag is what changes the answer.
+    V, L, eos = 4, 3, 0
+    model = tiny_model("learned", vocab=V, seed=2)
+    prompt = [1, 2]
+    ended = [[*body, eos] for n in range(L) for body in itertools.product(range(1, V), repeat=n)]
+    brute = sorted(
+        ((sequence_logprob(model, prompt, c) / len(c) ** length_penalty, c) for c in ended),
+        reverse=True,
+    )
+    args = (model, prompt, V**L, L, length_penalty, eos)
+    plain = beam_search(*args)
+    beams = beam_search(*args, prefer_finished=True)
+    assert plain[0][0][-1] != eos  # the plain ranking's best stops mid-way
+    assert beams[0][0] == brute[0][1]
+    assert beams[0][1] == pytest.approx(brute[0][0], abs=1e-5)
+    n_ended = sum(seq[-1] == eos for seq, _ in beams)
+    assert n_ended == len(ended)  # every ended candidate, best first, then the cut-off ones
+    assert all(seq[-1] == eos for seq, _ in beams[:n_ended])
+    assert [s for _, s in beams[:n_ended]] == sorted((s for _, s in beams[:n_ended]), reverse=True)
+    assert sorted(map(tuple, (seq for seq, _ in beams))) == sorted(
+        map(tuple, (s for s, _ in plain))
+    )
+    # generate's beam strategy takes the same flag.
+    cfg = dec("beam", L, num_beams=V**L)
+    kw = dict(eos_id=eos, length_penalty=length_penalty)
+    assert generate(model, prompt, cfg, prefer_finished=True, **kw) == beams[0][0]
+    assert generate(model, prompt, cfg, **kw) == plain[0][0]
+
+
 @pytest.mark.parametrize("length_penalty", [1.0, 0.5, 0.0, -1.0, 2.0])
 def test_beam_search_early_stop_never_changes_the_result(length_penalty: float) -> None:
     # Vocab 3 so eos (id 0) is likely and num_beams finished beams appear early.

@@ -85,12 +85,15 @@ def decode_all(
         for p, ids in zip(prompts, prompt_ids, strict=True):
             n = continuation_budget(e.max_new_tokens, T, 1 + len(ids))
             # A longer prompt is cropped to fit T; length_penalty scores the beam strategy only.
+            # The budget holds a whole story, so a beam it cut off is never the answer while
+            # one that ended exists (prefer_finished).
             new = generate(
                 model,
                 [eot, *ids],
                 replace(dcfg, max_new_tokens=n),
                 eos_id=eot,
                 length_penalty=e.length_penalty,
+                prefer_finished=True,
             )
             texts.append(p + decode(tok, _until(new, eot)))
         out[name] = texts

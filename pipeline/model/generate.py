@@ -17,6 +17,12 @@ Choices worth stating:
   seed and neither read nor disturb the global RNG (training's seeding stays intact).
 - Beam scores are sum(log p) / length**length_penalty with length = number of generated tokens
   (eos included, prompt excluded); length_penalty 0 gives the plain sum of log-probs.
+- `prefer_finished` (evaluate's choice) ranks every beam that ended with eos ahead of the
+  beams the budget cut off. Under a positive length penalty a cut-off beam of predictable
+  tokens can outscore every ended one, and its text then stops mid-sentence; when the budget
+  is meant to hold a whole document (evaluate's is), such a beam is never the answer while an
+  ended one exists. Off by default: a served request with a short budget wants the best
+  prefix, not the best short ending.
 - The repetition levers (`penalize_logits`) act on the logits of every strategy before
   anything else (temperature, top-k, top-p, beam search's log-softmax), each row or beam on
   its own sequence: the (cropped) prompt plus what it generated. `repetition_penalty` is
@@ -237,6 +243,7 @@ def generate(
     *,
     eos_id: int | None = None,
     length_penalty: float = 1.0,
+    prefer_finished: bool = False,
     use_cache: bool = True,
 ) -> Tensor | list[int]:
     """Generate up to cfg.max_new_tokens ids after the prompt; returns only the new ids.
@@ -245,7 +252,8 @@ def generate(
     (B, n) tensor, n <= max_new_tokens, where rows that finished early are padded with eos.
     A sequence stops after it emits `eos_id`, decoding when every sequence has. The prompt is
     cropped from the left so prompt and continuation fit block_size. "beam" returns each
-    row's best beam, scored with `length_penalty` (sum log p / length**length_penalty).
+    row's best beam, scored with `length_penalty` (sum log p / length**length_penalty); with
+    `prefer_finished`, the best beam that ended with eos when one did.
     cfg's repetition levers apply to every strategy (`penalize_logits`).
     """
     if not isinstance(cfg, DecodingConfig):
@@ -259,6 +267,7 @@ def generate(
         levers = dict(
             no_repeat_ngram_size=cfg.no_repeat_ngram_size,
             repetition_penalty=cfg.repetition_penalty,
+            prefer_finished=prefer_finished,
         )
         rows = [beam_search(model, row.tolist(), *beam_args, **levers)[0][0] for row in ids]
         if isinstance(prompt_ids, list):
@@ -326,6 +335,7 @@ def beam_search(
     *,
     no_repeat_ngram_size: int = 0,
     repetition_penalty: float = 1.0,
+    prefer_finished: bool = False,
 ) -> list[tuple[list[int], float]]:
     """The `num_beams` best continuations of one prompt with their scores, best first.
 
@@ -339,6 +349,8 @@ def beam_search(
     always runs to max_new_tokens: the same result, slower (a reference for tests).
     The repetition levers (`penalize_logits`) adjust each beam's logits on that beam's own
     sequence before the log-softmax; an extension they ban (log p = -inf) is never kept.
+    `prefer_finished` lists the beams that ended with eos first (best first), then the ones
+    max_new_tokens cut off; the search itself is unchanged.
     """
     _check_beam_args(num_beams, max_new_tokens)
     _check_levers(no_repeat_ngram_size, repetition_penalty)
@@ -379,6 +391,8 @@ def beam_search(
         (seq, _beam_score(s, len(seq), length_penalty))
         for seq, s in zip(beams, sums.tolist(), strict=True)
     ]
+    if prefer_finished:  # `finished` is already best first; cut-off beams only fill up
+        return (finished + sorted(live, key=lambda b: -b[1]))[:num_beams]
     return sorted(finished + live, key=lambda b: -b[1])[:num_beams]
 
 
