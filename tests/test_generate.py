@@ -497,8 +497,9 @@ def test_prefer_finished_returns_the_best_ended_beam_before_any_cut_off_one(
     assert beams[0][1] == pytest.approx(brute[0][0], abs=1e-5)
     n_ended = sum(seq[-1] == eos for seq, _ in beams)
     assert n_ended == len(ended)  # every ended candidate, best first, then the cut-off ones
-    assert all(seq[-1] == eos for seq, _ in beams[:n_ended])
-    assert [s for _, s in beams[:n_ended]] == sorted((s for _, s in beams[:n_ended]), reverse=True)
+    assert [seq for seq, _ in beams[:n_ended]] == [c for _, c in brute]
+    for (_, got), (want, _) in zip(beams[:n_ended], brute, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
     assert sorted(map(tuple, (seq for seq, _ in beams))) == sorted(
         map(tuple, (s for s, _ in plain))
     )
@@ -509,8 +510,11 @@ def test_prefer_finished_returns_the_best_ended_beam_before_any_cut_off_one(
     assert generate(model, prompt, cfg, **kw) == plain[0][0]
 
 
+@pytest.mark.parametrize("prefer_finished", [False, True])
 @pytest.mark.parametrize("length_penalty", [1.0, 0.5, 0.0, -1.0, 2.0])
-def test_beam_search_early_stop_never_changes_the_result(length_penalty: float) -> None:
+def test_beam_search_early_stop_never_changes_the_result(
+    length_penalty: float, prefer_finished: bool
+) -> None:
     # Vocab 3 so eos (id 0) is likely and num_beams finished beams appear early.
     fired = False
     for seed in range(4):
@@ -524,9 +528,9 @@ def test_beam_search_early_stop_never_changes_the_result(length_penalty: float) 
 
         model.forward = counting_forward
         args = ([1, 2], 3, 12, length_penalty, 0)
-        early = beam_search(model, *args)
+        early = beam_search(model, *args, prefer_finished=prefer_finished)
         n_early = calls["n"]
-        full = beam_search(model, *args, early_stopping=False)
+        full = beam_search(model, *args, early_stopping=False, prefer_finished=prefer_finished)
         fired |= n_early < calls["n"] - n_early
         assert [s for s, _ in early] == [s for s, _ in full]
         for (_, a), (_, b) in zip(early, full, strict=True):
@@ -833,13 +837,22 @@ def test_decode_all_applies_evaluates_levers_to_every_strategy(monkeypatch) -> N
     seen: list[DecodingConfig] = []
     monkeypatch.setattr(decoding, "encode_docs", lambda tok, texts: [[1] for _ in texts])
     monkeypatch.setattr(decoding, "decode", lambda tok, ids: "")
-    monkeypatch.setattr(decoding, "generate", lambda m, ids, d, **kw: seen.append(d) or [0])
+    kwargs: list[dict] = []
+
+    def fake_generate(m, ids, d, **kw):
+        seen.append(d)
+        kwargs.append(kw)
+        return [0]
+
+    monkeypatch.setattr(decoding, "generate", fake_generate)
     gens = decoding.decode_all(
         tiny_model(), None, 0, ["a"], dataclasses.replace(cfg, evaluate=ev), 1
     )
     assert set(gens) == {"greedy", "beam", "temperature", "top_k", "top_p"}
     assert len(seen) == 5
     assert {(d.no_repeat_ngram_size, d.repetition_penalty) for d in seen} == {(3, 1.3)}
+    # Evaluate's budget holds a whole story: a beam it cut off never wins over an ended one.
+    assert all(kw["prefer_finished"] is True and kw["eos_id"] == 0 for kw in kwargs)
 
 
 def test_continuation_budget_fills_the_window_a_prompt_leaves() -> None:
