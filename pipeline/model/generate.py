@@ -18,11 +18,11 @@ Choices worth stating:
 - Beam scores are sum(log p) / length**length_penalty with length = number of generated tokens
   (eos included, prompt excluded); length_penalty 0 gives the plain sum of log-probs.
 - `prefer_finished` (evaluate's choice) ranks every beam that ended with eos ahead of the
-  beams the budget cut off. Under a positive length penalty a cut-off beam of predictable
-  tokens can outscore every ended one, and its text then stops mid-sentence; when the budget
-  is meant to hold a whole document (evaluate's is), such a beam is never the answer while an
-  ended one exists. Off by default: a served request with a short budget wants the best
-  prefix, not the best short ending.
+  beams the budget cut off. A cut-off beam of predictable tokens can outscore every ended
+  one at any length penalty (its end-of-text was never paid for), and its text then stops
+  mid-sentence. When the budget is meant to hold a whole document (evaluate's is), such a
+  beam is never the answer while an ended one exists. Off by default: a served request with
+  a short budget wants the best prefix, not the best short ending.
 - The repetition levers (`penalize_logits`) act on the logits of every strategy before
   anything else (temperature, top-k, top-p, beam search's log-softmax), each row or beam on
   its own sequence: the (cropped) prompt plus what it generated. `repetition_penalty` is

@@ -123,7 +123,8 @@ def replay_batches(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Callab
     """step -> a (x, y) batch of the pretraining train shard, seeded apart from the task's.
 
     Answer-only fine-tuning alone makes a small model forget how to continue text (on the
-    default preset test bits/byte went from 0.32 before fine-tuning to 1.23 after); mixing
+    4 x 128 default preset of 2026-11 test bits/byte went from 0.32 before fine-tuning to
+    1.23 after); mixing
     in the pretraining objective ("replay") keeps it a language model.
     """
     tok_dir, f = cfg.path("tokenizer"), cfg.finetune
