@@ -47,6 +47,18 @@ LEVERS: list[tuple[str, dict]] = [
 ]
 
 
+def story_config(root: Path, overrides: list[str], prompts: int | None, tool: str):
+    """The project's config (with `overrides`; `prompts` replaces evaluate.prompts) and the
+    story world's validity check, or a clear exit when the corpus has no story world."""
+    cfg = load_config(root, overrides=overrides)
+    if prompts:
+        cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, prompts=prompts))
+    is_valid = story_validator(cfg)
+    if is_valid is None:
+        raise SystemExit(f"{tool}: validity needs a story-world corpus (validate.sources)")
+    return cfg, is_valid
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=Path("."), help="the project folder")
@@ -54,14 +66,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=None, help="default: evaluate.prompts")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
-    cfg = load_config(args.root)
-    if args.prompts:
-        cfg = dataclasses.replace(
-            cfg, evaluate=dataclasses.replace(cfg.evaluate, prompts=args.prompts)
-        )
-    is_valid = story_validator(cfg)
-    if is_valid is None:
-        raise SystemExit("decoding_levers: validity needs a story-world corpus (validate.sources)")
+    cfg, is_valid = story_config(args.root, [], args.prompts, "decoding_levers")
     tok_dir = cfg.path("tokenizer")
     tok, eot = load_tokenizer(tok_dir / TOKENIZER_FILE), read_meta(tok_dir)["eot_id"]
     model = load_model(args.model or cfg.path("finetune"))

@@ -35,11 +35,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import Config, load_config  # noqa: E402
+from decoding_levers import story_config  # noqa: E402  benchmarks/: the script's folder
+
+from pipeline.config import Config  # noqa: E402
 from pipeline.core.io import atomic_write_json  # noqa: E402
 from pipeline.core.names import TOKENIZER_FILE  # noqa: E402
 from pipeline.core.seeding import derive_seed  # noqa: E402
-from pipeline.data.eval_inputs import prompts_and_references, story_validator  # noqa: E402
+from pipeline.data.eval_inputs import prompts_and_references  # noqa: E402
 from pipeline.eval.decoding import decode_all, generation_quality  # noqa: E402
 from pipeline.model.gpt import GPT  # noqa: E402
 from pipeline.text.shards import read_meta  # noqa: E402
@@ -89,14 +91,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--set", action="append", default=[], help="a params.yaml override k=v")
     args = parser.parse_args()
-    cfg = load_config(args.root, overrides=args.set)
-    if args.prompts:
-        cfg = dataclasses.replace(
-            cfg, evaluate=dataclasses.replace(cfg.evaluate, prompts=args.prompts)
-        )
-    is_valid = story_validator(cfg)
-    if is_valid is None:
-        raise SystemExit("finetune_levers: validity needs a story-world corpus (validate.sources)")
+    cfg, is_valid = story_config(args.root, args.set, args.prompts, "finetune_levers")
     unknown = set(args.only or []) - {name for name, _ in LEVERS}
     if unknown:
         raise SystemExit(f"finetune_levers: no row named {sorted(unknown)}")

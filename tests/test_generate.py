@@ -452,6 +452,17 @@ def test_the_decoding_settings_are_defined_once() -> None:
                 assert f.metadata[bound] == ours[f.name].metadata[bound], (f.name, bound)
 
 
+def ended_candidates(V: int, L: int, eos: int) -> list[list[int]]:
+    """Every continuation that ends with eos within L tokens (eos nowhere else)."""
+    return [[*body, eos] for n in range(L) for body in itertools.product(range(1, V), repeat=n)]
+
+
+def brute_ranking(model: GPT, prompt: list[int], cands: list[list[int]], lp: float) -> list:
+    """(score, candidate), best first: sum log p / length**lp, by one forward each."""
+    scored = ((sequence_logprob(model, prompt, c) / len(c) ** lp, c) for c in cands)
+    return sorted(scored, reverse=True)
+
+
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0, -0.5, 2.0])
 def test_full_width_beam_search_with_eos_is_exact_under_the_length_penalty(
     length_penalty: float,
@@ -461,13 +472,10 @@ def test_full_width_beam_search_with_eos_is_exact_under_the_length_penalty(
     V, L, eos = 4, 3, 0
     model = tiny_model("learned", vocab=V, seed=2)
     prompt = [1, 2]
-    cands = [
-        [*body, eos] for n in range(L) for body in itertools.product(range(1, V), repeat=n)
-    ] + [list(c) for c in itertools.product(range(1, V), repeat=L)]
-    brute = sorted(
-        ((sequence_logprob(model, prompt, c) / len(c) ** length_penalty, c) for c in cands),
-        reverse=True,
-    )
+    cands = ended_candidates(V, L, eos) + [
+        list(c) for c in itertools.product(range(1, V), repeat=L)
+    ]
+    brute = brute_ranking(model, prompt, cands, length_penalty)
     beams = beam_search(model, prompt, V**L, L, length_penalty=length_penalty, eos_id=eos)
     assert beams[0][0] == brute[0][1]
     assert beams[0][1] == pytest.approx(brute[0][0], abs=1e-5)
@@ -484,11 +492,8 @@ def test_prefer_finished_returns_the_best_ended_beam_before_any_cut_off_one(
     V, L, eos = 4, 3, 0
     model = tiny_model("learned", vocab=V, seed=2)
     prompt = [1, 2]
-    ended = [[*body, eos] for n in range(L) for body in itertools.product(range(1, V), repeat=n)]
-    brute = sorted(
-        ((sequence_logprob(model, prompt, c) / len(c) ** length_penalty, c) for c in ended),
-        reverse=True,
-    )
+    ended = ended_candidates(V, L, eos)
+    brute = brute_ranking(model, prompt, ended, length_penalty)
     args = (model, prompt, V**L, L, length_penalty, eos)
     plain = beam_search(*args)
     beams = beam_search(*args, prefer_finished=True)
