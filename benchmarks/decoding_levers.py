@@ -20,12 +20,13 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.core.io import atomic_write_json  # noqa: E402
 from pipeline.core.names import TOKENIZER_FILE  # noqa: E402
 from pipeline.core.seeding import derive_seed  # noqa: E402
@@ -47,7 +48,9 @@ LEVERS: list[tuple[str, dict]] = [
 ]
 
 
-def story_config(root: Path, overrides: list[str], prompts: int | None, tool: str):
+def story_config(
+    root: Path, overrides: list[str], prompts: int | None, tool: str
+) -> tuple[Config, Callable[[str], bool]]:
     """The project's config (with `overrides`; `prompts` replaces evaluate.prompts) and the
     story world's validity check, or a clear exit when the corpus has no story world."""
     cfg = load_config(root, overrides=overrides)

@@ -13,15 +13,14 @@ batches in the same order) with the `finetune.*` settings of the row changed, th
 
 - task accuracy and held-out answer loss, the stage's own `score`;
 - validity / repetition-4 of evaluate's own decoding (`decode_all`, `generation_quality`)
-  on evaluate's prompts, seed and budget rule: greedy, beam, temperature, top-p.
+  on evaluate's prompts, seed and budget rule: greedy, beam, temperature, top-k, top-p.
 
 The first row is the pretrained model without fine-tuning, the second params.yaml as it is;
 the rest name every setting they change from params.yaml (the tables in benchmarks/README.md
 were measured at replay 3.0, so the rows that vary another lever pin it). Nothing the
-pipeline wrote is
-touched: no model, report or MLflow run is written. Decoding runs on the CPU, as in
-evaluate. Needs a story-world corpus (validity
-is the grammar's check). Not a test: it prints a table for benchmarks/README.md.
+pipeline wrote is touched: no model, report or MLflow run is written. Decoding runs on the
+CPU, as in evaluate. Needs a story-world corpus (validity is the grammar's check). Not a
+test: it prints a table for benchmarks/README.md.
 """
 
 from __future__ import annotations

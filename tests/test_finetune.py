@@ -102,9 +102,10 @@ def test_compare_runs_every_method_from_the_same_start(pretrained):
     adamw = report["methods"]["adamw"]
 
     def pair(mine: float, theirs: float) -> str:
-        # 3 significant digits, more when two different values would read the same
-        digits = next(d for d in range(3, 8) if f"{mine:.{d}g}" != f"{theirs:.{d}g}" or d == 7)
-        digits = 3 if mine == theirs else digits
+        # 3 significant digits, more (up to 7) when two different values would read the same
+        digits = 3
+        while digits < 7 and mine != theirs and f"{mine:.{digits}g}" == f"{theirs:.{digits}g}":
+            digits += 1
         return f"{mine:.{digits}g} vs {theirs:.{digits}g}"
 
     for method in ("sam", "swa", "sam+swa"):

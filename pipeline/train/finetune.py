@@ -124,8 +124,7 @@ def replay_batches(cfg: Config, gcfg: GPTConfig, device: torch.device) -> Callab
 
     Answer-only fine-tuning alone makes a small model forget how to continue text (on the
     4 x 128 default preset of 2026-11 test bits/byte went from 0.32 before fine-tuning to
-    1.23 after); mixing
-    in the pretraining objective ("replay") keeps it a language model.
+    1.23 after); mixing in the pretraining objective ("replay") keeps it a language model.
     """
     tok_dir, f = cfg.path("tokenizer"), cfg.finetune
     meta = read_meta(tok_dir)
