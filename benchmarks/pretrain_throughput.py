@@ -51,8 +51,9 @@ from pipeline.text.shards import ShardWriter, text_bytes, token_dtype, write_met
 from pipeline.text.tokenizer import token_byte_lengths  # noqa: E402
 from pipeline.train import distributed as dist_utils  # noqa: E402
 from pipeline.train import loop  # noqa: E402
-from pipeline.train.mfu import compute_dtype, flops_per_token, mfu, peak_flops  # noqa: E402
+from pipeline.train.mfu import flops_per_token, mfu, peak_flops  # noqa: E402
 from pipeline.train.optim import configure_optimizer  # noqa: E402
+from pipeline.train.precision import compute_dtype  # noqa: E402
 
 EOT = "<|endoftext|>"
 

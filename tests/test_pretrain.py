@@ -133,11 +133,19 @@ def test_val_bits_per_byte_use_the_exact_bytes_of_the_scored_tokens(tokenized):
     assert report["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-6)
 
 
-def test_resume_after_a_crash_is_bit_identical(tokenized, monkeypatch):
-    straight = run_cfg(tokenized, "straight")
+# fp32 eager, and bf16 autocast under torch.compile (`auto` on a native-bf16 CPU).
+PRECISIONS = {
+    "fp32": ["pretrain.dtype=float32", "pretrain.compile=off"],
+    "bf16-compiled": ["pretrain.dtype=bfloat16", "pretrain.compile=on"],
+}
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+def test_resume_after_a_crash_is_bit_identical(tokenized, monkeypatch, precision):
+    straight = run_cfg(tokenized, f"straight-{precision}", *PRECISIONS[precision])
     pretrain.run(straight)
 
-    crashed = run_cfg(tokenized, "crashed")
+    crashed = run_cfg(tokenized, f"crashed-{precision}", *PRECISIONS[precision])
     real_step = loop.Trainer.train_step
 
     def crash_at_7(self, micro, step):
@@ -354,6 +362,31 @@ def test_deterministic_mode_is_recorded_restored_and_changes_no_cpu_bit(tokenize
     assert not torch._inductor.config.deterministic
     # It shapes a GPU trajectory, so a checkpoint of one mode never resumes the other.
     digests = {training_digest(digest_inputs(c, {}, 1, "cuda")) for c in (on, off)}
+    assert len(digests) == 2
+
+
+def test_bf16_compiled_cpu_training_matches_fp32_and_is_its_own_trajectory(tokenized):
+    """The default path on a native-bf16 CPU (`auto`, here asked for by name): bf16
+    autocast under torch.compile (inductor, a real C++ build) trains the same model as
+    fp32 eager to bf16's precision, saves fp32 weights, and says what it ran in."""
+    from pipeline.train.resume import digest_inputs, training_digest
+
+    # No dropout: inductor draws its masks from its own generator, not eager's.
+    same = ["model.dropout=0.0"]
+    fp32 = run_cfg(tokenized, "fp32", *same, "pretrain.dtype=float32", "pretrain.compile=off")
+    bf16 = run_cfg(tokenized, "bf16", *same, "pretrain.dtype=bfloat16", "pretrain.compile=on")
+    want, got = pretrain.run(fp32), pretrain.run(bf16)
+    assert (want["compute_dtype"], want["compiled"]) == ("float32", False)
+    assert (got["compute_dtype"], got["compiled"]) == ("bfloat16", True)
+    curve, reference = losses(bf16), losses(fp32)
+    assert curve[-1] < curve[0] - 0.1  # it learns
+    # bf16 keeps 8 bits of mantissa: per-step losses agree to ~1%, not bit for bit.
+    assert curve == pytest.approx(reference, rel=0.02) and curve != reference
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=0.02)
+    weights = load_weights(bf16.path("pretrain") / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}  # autocast: fp32 masters
+    # A checkpoint of one dtype never resumes the other (auto resolves per machine).
+    digests = {training_digest(digest_inputs(c, {}, 1, "cpu")) for c in (fp32, bf16)}
     assert len(digests) == 2
 
 

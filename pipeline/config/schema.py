@@ -204,12 +204,14 @@ class PretrainConfig:
     )
     device: Literal["auto", "cpu", "cuda"] = spec("auto: CUDA when available")
     dtype: Literal["auto", "float32", "bfloat16"] = spec(
-        "auto: bf16 autocast on CUDA, fp32 on CPU; bfloat16 also autocasts on CPU"
+        "auto: bf16 autocast on CUDA and on CPUs with native bf16 (avx512_bf16, amx_bf16), "
+        "fp32 on other CPUs; bfloat16 autocasts on any CPU"
     )
     # YAML 1.1 reads a bare on/off (also in `--set pretrain.compile=on`) as true/false, so
     # the booleans are accepted too and read as "on"/"off" (`__post_init__`).
     compile: Literal["auto", "on", "off", True, False] = spec(
-        "torch.compile: auto (on for CUDA), on/true or off/false"
+        "torch.compile: auto (on for CUDA, and on CPU with bf16 and a C++ compiler), "
+        "on/true or off/false"
     )
     max_steps: int = spec("optimizer steps", min=1)
     micro_batch_size: int = spec("sequences per process per forward/backward", min=1)

@@ -8,8 +8,9 @@
 One process, DDP or FSDP2, on CPU or CUDA, chosen by `pretrain.*` and torchrun's
 environment (see pipeline/train/distributed.py for multi-node flags). Next-token cross-entropy,
 AdamW (fused on CUDA, decay on matrices only), linear warm-up then cosine decay, gradient
-clipping, gradient accumulation to `pretrain.tokens_per_step`, bf16 autocast and TF32 on
-CUDA, fp32 on CPU (bf16 autocast with `pretrain.dtype=bfloat16`), optional torch.compile.
+clipping, gradient accumulation to `pretrain.tokens_per_step`, bf16 autocast (TF32 too on
+CUDA) and torch.compile on CUDA and on CPUs with native bf16, fp32 eager on other CPUs
+(`pipeline.train.precision`; `pretrain.dtype` / `pretrain.compile` choose by hand).
 The loop is pipeline/train/loop.py; this module only tracks the run (rank 0), turns SIGTERM
 into a checkpoint and calls the library.
 
@@ -45,6 +46,7 @@ from pipeline.ops.stage_runner import stage_entry
 from pipeline.train import distributed as dist_utils
 from pipeline.train.loop import STAGE, build, fit
 from pipeline.train.outputs import report_path, write_outputs
+from pipeline.train.precision import compile_enabled, compute_dtype, deterministic_wanted
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -55,11 +57,18 @@ def run(cfg: Config) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = True
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        with dist_utils.deterministic_mode(cfg.pretrain.deterministic):
+        with dist_utils.deterministic_mode(_deterministic(cfg, info)):
             return _train(cfg, info)
     finally:
         signal.signal(signal.SIGTERM, previous)
         dist_utils.shutdown()
+
+
+def _deterministic(cfg: Config, info: dist_utils.DistInfo) -> bool:
+    """`pretrain.deterministic`, or a compiled CPU run (`precision.deterministic_wanted`)."""
+    p = cfg.pretrain
+    compiled = compile_enabled(info.device, p.compile, compute_dtype(info.device, p.dtype))
+    return deterministic_wanted(info.device, p.deterministic, compiled)
 
 
 def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:

@@ -174,7 +174,9 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
       where this torch has it; inductor already falls back to deterministic kernels for
       scatter-adds when deterministic algorithms are on.
 
-    CPU training is deterministic already; there the mode changes no result. Everything is
+    Eager CPU training is deterministic already; there the mode changes no result. Compiled
+    CPU training is not (inductor's scatter-adds use atomics), so the stage enters this
+    mode for it too (`pipeline.train.precision.deterministic_wanted`). Everything is
     restored on exit (tests run several stages in one process).
     """
     if not enabled:

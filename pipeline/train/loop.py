@@ -6,9 +6,9 @@
 
 Next-token cross-entropy, AdamW (`pipeline.train.optim`), linear warm-up then cosine decay
 (`lr_at`), gradient clipping, gradient accumulation to `pretrain.tokens_per_step`
-(`grad_accum_steps`; DDP syncs on the last micro-step only), bf16 autocast on CUDA, fp32 on
-CPU unless `pretrain.dtype: bfloat16`, optional torch.compile (DDP compiled whole, FSDP2
-per block: `distributed.wrap`).
+(`grad_accum_steps`; DDP syncs on the last micro-step only), bf16 autocast on CUDA and on
+CPUs with native bf16, fp32 elsewhere, torch.compile where it pays (`pipeline.train.precision`;
+DDP compiled whole, FSDP2 per block: `distributed.wrap`).
 Which checkpoint may be resumed is decided by `pipeline.train.resume` (the training digest).
 
 The tracker is any object with `log_metrics` (`MetricsLogger`): the stage passes MLflow's,
@@ -44,8 +44,9 @@ from pipeline.text.tokenizer import load_tokenizer, target_bytes, token_byte_len
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import distributed as dist_utils
 from pipeline.train.batches import BatchStream, check_shard, eval_batches
-from pipeline.train.mfu import compute_dtype, mfu, peak_flops
+from pipeline.train.mfu import mfu, peak_flops
 from pipeline.train.optim import configure_optimizer
+from pipeline.train.precision import compile_enabled, compute_dtype, deterministic_wanted
 from pipeline.train.resume import (
     all_ranks_rng,
     data_digests,
@@ -119,8 +120,17 @@ class Trainer:
     stop_requested: bool = False
 
     def compute_dtype(self) -> torch.dtype:
-        """`pretrain.dtype`; "auto" is bf16 (autocast) on CUDA, float32 on CPU."""
+        """`pretrain.dtype`; "auto" is bf16 (autocast) on CUDA and native-bf16 CPUs."""
         return compute_dtype(self.info.device, self.cfg.pretrain.dtype)
+
+    def compiled(self) -> bool:
+        """`pretrain.compile` resolved for this device and dtype (`_model` compiled it so)."""
+        return compile_enabled(self.info.device, self.cfg.pretrain.compile, self.compute_dtype())
+
+    def deterministic(self) -> bool:
+        """Whether the run is under deterministic algorithms (`pipeline.stages.pretrain.run`)."""
+        p = self.cfg.pretrain
+        return deterministic_wanted(self.info.device, p.deterministic, self.compiled())
 
     def autocast(self) -> torch.autocast:
         use_bf16 = self.compute_dtype() == torch.bfloat16
@@ -231,7 +241,7 @@ def _model(
     torch.manual_seed(derive_seed(cfg.seed, STAGE, "init") % 2**63)
     raw = GPT(GPTConfig.from_params(cfg.model, vocab_size)).to(info.device)
     strategy = dist_utils.resolve_strategy(p.strategy, info.world_size)
-    use_compile = p.compile == "on" or (p.compile == "auto" and info.device.type == "cuda")
+    use_compile = compile_enabled(info.device, p.compile, compute_dtype(info.device, p.dtype))
     mp = dist_utils.fsdp_mixed_precision(info.device, p.dtype)
     model, ddp = dist_utils.wrap(raw, strategy, info, compile=use_compile, mp_policy=mp)
     return raw, model, ddp if ddp is not None else getattr(model, "_orig_mod", model)
@@ -300,6 +310,9 @@ def fit(t: Trainer, tracker: MetricsLogger) -> dict[str, Any]:
     tokens_per_step = p.tokens_per_step
     n_params = t.raw.num_params()
     peak = peak_flops(t.info.device, t.compute_dtype())  # one device's, in its dtype
+    if t.info.is_main:  # `auto` resolves per machine: say what this run trains in
+        how = "torch.compile" if t.compiled() else "eager"
+        log.info("pretrain: %s, %s, %s", t.info.device.type, t.compute_dtype(), how)
     progress = Progress("pretrain", total=p.max_steps, unit=" steps", every=10.0)
     progress.done = t.start_step
     pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []

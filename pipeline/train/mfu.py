@@ -65,14 +65,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return peak_flops_for_name(torch.cuda.get_device_name(device), dtype, tf32=tf32)
 
 
-def compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
-    """The dtype matmuls run in for `pretrain.dtype`: what it names, and for "auto" bf16
-    autocast on CUDA, float32 on CPU (bf16 on CPU is opt-in: benchmarks/cpu_levers.py)."""
-    if dtype in ("bfloat16", "float32"):
-        return getattr(torch, dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def mfu(
     tokens_per_s: float, cfg: GPTConfig, n_params: int | None, peak: float, *, world_size: int
 ) -> float:

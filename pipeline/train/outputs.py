@@ -53,7 +53,10 @@ def write_outputs(t: Trainer, result: dict[str, Any]) -> dict[str, Any]:
         "flops": flops_per_token(t.raw.config, t.raw.num_params()) * tokens,  # 6N + attention
         "device": t.info.device.type,
         "world_size": t.info.world_size,
-        "deterministic": cfg.pretrain.deterministic,  # see pipeline.train.distributed
+        # `auto` resolves per machine (pipeline.train.precision): what this run trained in.
+        "compute_dtype": str(t.compute_dtype()).removeprefix("torch."),
+        "compiled": t.compiled(),
+        "deterministic": t.deterministic(),  # asked, or compiled on CPU (train.precision)
         "train_loss": t.history[-1]["loss"],
         **final_eval,
     }

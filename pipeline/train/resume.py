@@ -2,8 +2,8 @@
 
 A checkpoint continues a trajectory only if everything that shapes the trajectory is the
 same: the train/val shards and the tokenizer (`data_digests`), the seed, the model params,
-the pretrain params but those in `NOT_TRAJECTORY`, the world size and the device
-(`digest_inputs`). `training_digest` hashes them; `resume_from` loads the newest
+the pretrain params but those in `NOT_TRAJECTORY`, the world size, the device and the
+compute dtype (`digest_inputs`). `training_digest` hashes them; `resume_from` loads the newest
 checkpoint made under this run's digest and logs, for each one it skips, what differs.
 """
 
@@ -24,6 +24,7 @@ from pipeline.core.io import file_md5
 from pipeline.core.names import TOKENIZER_FILE
 from pipeline.core.seeding import derive_seed
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.precision import compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,15 @@ def digest_inputs(
     }
     groups = {"model": dataclasses.asdict(cfg.model), "pretrain": pretrain, "data": data}
     flat: dict[str, Any] = {f"{g}.{k}": v for g, d in groups.items() for k, v in d.items()}
-    return {"seed": cfg.seed, **flat, "world_size": world_size, "device": device}
+    # `pretrain.dtype: auto` is bf16 on one CPU and fp32 on another: hash what it resolves to.
+    dtype = str(compute_dtype(torch.device(device), cfg.pretrain.dtype)).removeprefix("torch.")
+    return {
+        "seed": cfg.seed,
+        **flat,
+        "world_size": world_size,
+        "device": device,
+        "compute_dtype": dtype,
+    }
 
 
 def training_digest(inputs: dict[str, Any]) -> str:
