@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/cpu_levers.py                     # the default preset's shape
     .venv/bin/python benchmarks/cpu_levers.py --steps 30 --out /tmp/cpu_levers.json
+    .venv/bin/python benchmarks/cpu_levers.py --shape 4x128       # the shape of the first table
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+        .venv/bin/python benchmarks/cpu_levers.py --only precision   # an AVX2-only CPU
 
 Issue 15 asks which CPU settings make the `default` preset train faster: torch.compile
 (gcc is present), the thread count, bf16 autocast on CPU (the stage runs fp32 on CPU), the
@@ -9,6 +12,10 @@ micro-batch shape, and what a longer context (`block_size` 256, whole stories) c
 Each lever changes one setting of the baseline (lmforge's GPT at the default preset's
 shape, eager fp32, micro-batch 32 x 128, all cores) and runs the same bare training step
 as `pretrain_throughput.py` (forward, backward, clip, AdamW) on random batches in memory.
+`--only precision` runs the four rows of fp32/bf16 x eager/compile that `pretrain.dtype: auto`
+and `pretrain.compile: auto` choose between (`pipeline/train/precision.py`); the environment
+variables above make oneDNN, MKL, ATen and inductor use only the instructions of an older
+CPU (no AVX-512, no bf16), to measure what `auto` would meet there.
 Every figure is total tokens / total time over `--steps` steps after `--warmup` untimed
 ones (compile and allocator warm-up excluded); the ratio is against the baseline, which
 runs first and again last, so drift of a shared machine shows as two baseline figures.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +44,9 @@ from pipeline.core.io import atomic_write_json  # noqa: E402
 from pipeline.model.gpt import GPT, GPTConfig  # noqa: E402
 from pipeline.train.optim import configure_optimizer  # noqa: E402
 
+# Environment variables that cap the instruction sets torch's CPU libraries use.
+ISA_VARS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -49,20 +60,26 @@ class Setting:
     block_size: int = 128
 
 
-def default_shape(vocab: int, block_size: int) -> GPTConfig:
-    """The shape these levers were measured at: 4 layers, 4 heads, width 128 (the `default`
-    preset's until it moved to 1 x 256, a separate measurement in benchmarks/README.md)."""
+def model_shape(vocab: int, block_size: int, shape: str) -> GPTConfig:
+    """`shape` "LxW": L layers of width W, 4 heads (the default preset's is 1x256; the first
+    table in benchmarks/README.md was measured at its earlier 4x128)."""
+    n_layer, n_embd = (int(n) for n in shape.lower().split("x"))
     return GPTConfig(
-        vocab_size=vocab, block_size=block_size, n_layer=4, n_head=4, n_embd=128, dropout=0.0
+        vocab_size=vocab,
+        block_size=block_size,
+        n_layer=n_layer,
+        n_head=4,
+        n_embd=n_embd,
+        dropout=0.0,
     )
 
 
-def tokens_per_s(s: Setting, vocab: int, steps: int, warmup: int) -> float:
+def tokens_per_s(s: Setting, vocab: int, steps: int, warmup: int, shape: str) -> float:
     """The bare step's tokens/s under setting `s` (torch's thread count set first)."""
     torch.set_num_threads(s.threads)
     torch.manual_seed(0)
     device = torch.device("cpu")
-    model = GPT(default_shape(vocab, s.block_size))
+    model = GPT(model_shape(vocab, s.block_size, shape))
     opt = configure_optimizer(model, 0.1, 3e-3, (0.9, 0.95), "cpu")
     run = torch.compile(model) if s.compile else model
     batches = device_batches(vocab, s.batch, s.block_size, device)
@@ -77,9 +94,17 @@ def tokens_per_s(s: Setting, vocab: int, steps: int, warmup: int) -> float:
     )  # fmt: skip
 
 
-def grid(cores: int) -> list[Setting]:
-    """The baseline, then one lever at a time, the promising pair, and the baseline again."""
+def grid(cores: int, only: str | None) -> list[Setting]:
+    """The baseline, then one lever at a time, the promising pair, and the baseline again;
+    `only="precision"`: the baseline, compile, bf16 and both."""
     base = Setting("baseline: eager fp32, B=32, T=128", cores)
+    if only == "precision":
+        return [
+            base,
+            replace(base, name="torch.compile", compile=True),
+            replace(base, name="bf16 autocast", bf16=True),
+            replace(base, name="torch.compile + bf16", compile=True, bf16=True),
+        ]
     return [
         base,
         replace(base, name="threads=1", threads=1),
@@ -98,17 +123,26 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048, help="the default preset's")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--shape", default="1x256", help="layers x width (4 heads)")
+    parser.add_argument("--only", choices=["precision"], default=None, help="a subset of rows")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
     cores = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {cores} threads by default")
+    isa = {k: os.environ[k] for k in ISA_VARS if k in os.environ}
+    print(f"torch {torch.__version__}, {cores} threads by default, shape {args.shape}, {isa}")
     rows, base = [], None
-    for s in grid(cores):
-        tok_s = tokens_per_s(s, args.vocab, args.steps, args.warmup)
+    for s in grid(cores, args.only):
+        tok_s = tokens_per_s(s, args.vocab, args.steps, args.warmup, args.shape)
         base = base or tok_s
         rows.append({**s.__dict__, "tokens_per_s": tok_s, "vs_baseline": tok_s / base})
         print(f"{s.name:45s} {tok_s:10,.0f} tokens/s  x{tok_s / base:.2f}", flush=True)
-    report = {"torch": torch.__version__, "threads_default": cores, "rows": rows}
+    report = {
+        "torch": torch.__version__,
+        "threads_default": cores,
+        "shape": args.shape,
+        "isa_limits": isa,
+        "rows": rows,
+    }
     print(json.dumps(report, indent=2))
     if args.out:
         atomic_write_json(args.out, report)
