@@ -248,6 +248,12 @@ def shown_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if v is not None}
 
 
+def summary_line(r: dict[str, Any]) -> str:
+    """One stage of the summary as a log line: stage, status, seconds, the figures shown."""
+    figures = ", ".join(f"{k}: {fmt(v)}" for k, v in shown_metrics(r["metrics"]).items())
+    return f"{r['stage']:<11} {r['status']:<20} {r['seconds']:6.1f}s  {figures}"
+
+
 def summary_table(results: list[dict[str, Any]]) -> Table:
     """Stage | ran or skipped | seconds | key metrics, one row per stage of the run."""
     table = Table(title="lm-pipeline run", title_justify="left", show_lines=False)

@@ -380,8 +380,8 @@ def lm_pipeline(
         end_parent(cfg, parent, len(run.results) == len(stages) and not run.errors, run)
     summary = artifacts.summary_markdown(run.results, parent, run.experiment)
     artifacts.publish_run(summary, reports, stages, push, run.errors)
-    for r in run.results:
-        get_run_logger().info("%-11s %-20s %6.1fs  %s", *r.values())
+    for r in run.results:  # the log's copy of the summary table, figures as the table shows them
+        get_run_logger().info(artifacts.summary_line(r))
     check_outcome(reports, stages, run)
     return {
         "stages": run.results,

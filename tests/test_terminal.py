@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from flows.artifacts import gx_markdown, key_metrics, print_run_end
+from flows.artifacts import gx_markdown, key_metrics, print_run_end, summary_line
 from flows.stage_line import stage_line
 from flows.streaming import LogFilter, stream_command
 from pipeline.core.progress import Progress
@@ -359,6 +359,10 @@ def test_the_end_of_run_table_then_where_to_look(tmp_path: Path):
     assert look > table_end
     assert "parent run abc123" in text and "experiment exp-1" in text
     assert "NOT pushed" in text
+    # The flow log's copy of a row: the same figures, formatted, the absent ones left out.
+    line = summary_line(result["stages"][1])
+    assert line.startswith("evaluate    skipped (unchanged)     1.3s  test bits/byte: 2.128")
+    assert "None" not in line and "KL" not in line and "2.12834" not in line
 
 
 def test_the_story_world_kl_is_shown_when_it_applies(tmp_path: Path):
