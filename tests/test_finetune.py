@@ -235,6 +235,25 @@ def test_methods_differ_but_each_is_deterministic(pretrained):
     assert any(not torch.equal(sd_a[k], sd_s[k]) for k in sd_a)
 
 
+def test_fine_tuning_runs_in_pretrainings_dtype(pretrained):
+    """`pretrain.dtype` bf16 (what `auto` is on a native-bf16 CPU): fine-tuning autocasts
+    too, to bf16's precision of the fp32 result, and keeps fp32 weights."""
+    device = torch.device("cpu")
+    models, scores = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = cfg_for(pretrained, f"pretrain.dtype={dtype}")
+        assert ft.finetune_dtype(cfg, device) == getattr(torch, dtype)
+        gcfg, weights = ft.load_pretrained(cfg)
+        data = ft.task_data(cfg, gcfg, device)
+        models[dtype] = ft.train_method("sam+swa", cfg, gcfg, weights, data, device)
+        scores[dtype] = data.score(models[dtype])
+    fp32, bf16 = (models[d].state_dict() for d in ("float32", "bfloat16"))
+    assert {v.dtype for v in bf16.values()} == {torch.float32}  # autocast: fp32 masters
+    assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)  # it did run in bf16
+    want, got = scores["float32"]["answer_loss"], scores["bfloat16"]["answer_loss"]
+    assert got == pytest.approx(want, rel=0.02)
+
+
 def test_missing_pretrained_model_is_a_clear_error(project):
     with pytest.raises(
         ckpt.CheckpointError, match=r"model_config\.json: model not found; run `dvc repro pretrain`"

@@ -4,7 +4,8 @@
     python -m pipeline.stages.finetune --set finetune.method=sam --set finetune.compare=false
 
 Fine-tuning runs as one process (dvc.yaml runs this module with plain `python`, not
-torchrun), on the GPU when there is one, else on the CPU.
+torchrun), on the GPU when there is one, else on the CPU, in the dtype pretraining resolved
+to (bf16 autocast on CUDA and on CPUs with native bf16; `pretrain.dtype`).
 
 Methods (`finetune.method`): `adamw` (the baseline), `sam`, `swa` and `sam+swa`; the data
 (`finetune.data`) and the training loop are in pipeline/train/finetune.py.
@@ -55,6 +56,7 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train.finetune import (
     METHODS,
     finetune_device,
+    finetune_dtype,
     load_data,
     load_pretrained,
     train_method,
@@ -76,7 +78,11 @@ def run(cfg: Config) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     histories: dict[str, list[dict[str, float]]] = {}  # method -> per-step train loss
     with start_run(cfg, STAGE) as tracker:
-        tracker.log_params({"seed": cfg.seed, STAGE: dataclasses.asdict(f)})
+        dtype = finetune_dtype(cfg, device)  # pretraining's: bf16 on CUDA and native-bf16 CPUs
+        log.info("finetune: %s, %s", device.type, dtype)
+        tracker.log_params(
+            {"seed": cfg.seed, STAGE: dataclasses.asdict(f), "compute_dtype": str(dtype)}
+        )
         with atomic_dir(cfg.path("finetune")) as out:
             for method in methods:
                 histories[method] = []
