@@ -26,6 +26,7 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train import loop
 from pipeline.train.batches import eval_batches
 from pipeline.train.outputs import report_path as loop_report
+from pipeline.train.precision import cpp_compiler
 
 TINY = [
     "model.n_layer=2",
@@ -138,9 +139,14 @@ PRECISIONS = {
     "fp32": ["pretrain.dtype=float32", "pretrain.compile=off"],
     "bf16-compiled": ["pretrain.dtype=bfloat16", "pretrain.compile=on"],
 }
+# Inductor builds CPU kernels with $CXX or g++ (pipeline.train.precision.cpp_compiler).
+needs_cxx = pytest.mark.skipif(cpp_compiler() is None, reason="no C++ compiler for inductor")
 
 
-@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+@pytest.mark.parametrize(
+    "precision",
+    [pytest.param(name, marks=[needs_cxx] if "compiled" in name else []) for name in PRECISIONS],
+)
 def test_resume_after_a_crash_is_bit_identical(tokenized, monkeypatch, precision):
     straight = run_cfg(tokenized, f"straight-{precision}", *PRECISIONS[precision])
     pretrain.run(straight)
@@ -365,12 +371,11 @@ def test_deterministic_mode_is_recorded_restored_and_changes_no_cpu_bit(tokenize
     assert len(digests) == 2
 
 
+@needs_cxx
 def test_bf16_compiled_cpu_training_matches_fp32_and_is_its_own_trajectory(tokenized):
     """The default path on a native-bf16 CPU (`auto`, here asked for by name): bf16
     autocast under torch.compile (inductor, a real C++ build) trains the same model as
     fp32 eager to bf16's precision, saves fp32 weights, and says what it ran in."""
-    from pipeline.train.resume import digest_inputs, training_digest
-
     # No dropout: inductor draws its masks from its own generator, not eager's.
     same = ["model.dropout=0.0"]
     fp32 = run_cfg(tokenized, "fp32", *same, "pretrain.dtype=float32", "pretrain.compile=off")
@@ -385,9 +390,6 @@ def test_bf16_compiled_cpu_training_matches_fp32_and_is_its_own_trajectory(token
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=0.02)
     weights = load_weights(bf16.path("pretrain") / "model.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.float32}  # autocast: fp32 masters
-    # A checkpoint of one dtype never resumes the other (auto resolves per machine).
-    digests = {training_digest(digest_inputs(c, {}, 1, "cpu")) for c in (fp32, bf16)}
-    assert len(digests) == 2
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from pipeline.config.params_file import apply_to_params
 from pipeline.core.io import file_md5
 from pipeline.stages import pretrain, synthesize, tokenizer, validate
 from pipeline.train import checkpoint as ckpt
-from pipeline.train import resume
+from pipeline.train import precision, resume
 
 TINY = [
     "model.n_layer=2",
@@ -104,6 +104,30 @@ def test_digest_covers_what_shapes_the_trajectory_and_nothing_else(project):
     for key in FAKE_DATA:
         assert digest(data={**FAKE_DATA, key: "d" * 32}) != base, key
     assert digest(world=2) != base and digest(device="cuda") != base
+
+
+def test_digest_hashes_what_auto_resolves_to_on_the_machine(project, monkeypatch):
+    """The same params.yaml (`dtype: auto`, `compile: auto`) trains in bf16, compiled, on a
+    native-bf16 CPU and in fp32, eager, on another: their checkpoints never cross."""
+    cfg = cfg_for(project, "pretrain.dtype=auto", "pretrain.compile=auto")
+
+    def inputs(native: bool, cxx: str | None = None) -> dict:
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+        if cxx is not None:
+            monkeypatch.setenv("CXX", cxx)
+        return resume.digest_inputs(cfg, FAKE_DATA, 1, "cpu")
+
+    fp32 = inputs(native=False)
+    assert (fp32["compute_dtype"], fp32["compiled"]) == ("float32", False)
+    eager_bf16 = inputs(native=True, cxx="/no/such/compiler")
+    assert (eager_bf16["compute_dtype"], eager_bf16["compiled"]) == ("bfloat16", False)
+    digests = {resume.training_digest(fp32), resume.training_digest(eager_bf16)}
+    gxx = shutil.which("g++")
+    if gxx is not None:  # with inductor's compiler the same params compile too
+        compiled = inputs(native=True, cxx=gxx)
+        assert (compiled["compute_dtype"], compiled["compiled"]) == ("bfloat16", True)
+        digests.add(resume.training_digest(compiled))
+    assert len(digests) == (3 if gxx else 2)
 
 
 def test_new_shards_train_from_step_0(tokenized, tmp_path, caplog):

@@ -81,7 +81,11 @@ def run(cfg: Config) -> dict[str, Any]:
         dtype = finetune_dtype(cfg, device)  # pretraining's: bf16 on CUDA and native-bf16 CPUs
         log.info("finetune: %s, %s", device.type, dtype)
         tracker.log_params(
-            {"seed": cfg.seed, STAGE: dataclasses.asdict(f), "compute_dtype": str(dtype)}
+            {
+                "seed": cfg.seed,
+                STAGE: dataclasses.asdict(f),
+                "compute_dtype": str(dtype).removeprefix("torch."),
+            }
         )
         with atomic_dir(cfg.path("finetune")) as out:
             for method in methods:

@@ -176,8 +176,10 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
 
     Eager CPU training is deterministic already; there the mode changes no result. Compiled
     CPU training is not (inductor's scatter-adds use atomics), so the stage enters this
-    mode for it too (`pipeline.train.precision.deterministic_wanted`). Everything is
-    restored on exit (tests run several stages in one process).
+    mode for it too (`pipeline.train.precision.deterministic_wanted`). The attention flags
+    are global, so a compiled CPU run attends on the math backend as well; the stage times
+    in benchmarks/README.md were measured so. Everything is restored on exit (tests run
+    several stages in one process).
     """
     if not enabled:
         yield

@@ -8,9 +8,10 @@
 - dtype: bf16 autocast on CUDA, and on a CPU with native bf16 instructions (x86
   avx512_bf16 or amx_bf16, Arm bf16); float32 on any other CPU, where bf16 is emulated
   and slower (bare step at 1 x 256: x0.82 with AVX-512 alone, x0.04 with AVX2 alone);
-- compile: on for CUDA, and on CPU where the matmuls run in bf16 and a C++ compiler is on
-  PATH (inductor builds CPU kernels with one). On CPU compile alone gained nothing (x0.98);
-  with native bf16 it adds to it (x2.31 against x1.73 for bf16 eager).
+- compile: on for CUDA, and on CPU where the matmuls run in native bf16 and inductor's C++
+  compiler (`$CXX`, else g++) is on PATH: inductor builds its CPU kernels with it. On CPU
+  compile alone gained nothing (x0.98); with native bf16 it adds to it (x2.31 against
+  x1.73 for bf16 eager).
 Imports only torch, so it runs on the GPU machine.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -53,19 +55,26 @@ def compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
 
 
 def cpp_compiler() -> str | None:
-    """The C++ compiler inductor would use on CPU (`$CXX`, else g++/c++/clang++), or None."""
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    return next((found for name in names if (found := shutil.which(name))), None)
+    """The C++ compiler inductor builds CPU kernels with, or None where it is not on PATH.
+
+    Inductor looks for `$CXX`, else g++ (clang++ on macOS), and nothing else
+    (`torch._inductor.config.cpp.cxx`); importing inductor to ask it costs seconds.
+    """
+    default = "clang++" if sys.platform == "darwin" else "g++"
+    return shutil.which(os.environ.get("CXX") or default)
 
 
 def compile_enabled(device: torch.device, compile: str, dtype: torch.dtype) -> bool:
     """`pretrain.compile` resolved: "on"/"off" as given; "auto" on CUDA, and on CPU when
-    the matmuls run in bf16 (`dtype`) and a C++ compiler exists."""
+    the matmuls run in bf16 (`dtype`) on native bf16 instructions and a C++ compiler
+    exists. bf16 asked for by name on a CPU without them is emulated: compiled, it was
+    slower still (x0.92 with AVX-512 alone) or crashed (AVX2 alone)."""
     if compile in ("on", "off"):
         return compile == "on"
     if device.type == "cuda":
         return True
-    return dtype == torch.bfloat16 and cpp_compiler() is not None
+    native = dtype == torch.bfloat16 and cpu_has_native_bf16()
+    return native and cpp_compiler() is not None
 
 
 def deterministic_wanted(device: torch.device, asked: bool, compiled: bool) -> bool:

@@ -2,9 +2,10 @@
 
 A checkpoint continues a trajectory only if everything that shapes the trajectory is the
 same: the train/val shards and the tokenizer (`data_digests`), the seed, the model params,
-the pretrain params but those in `NOT_TRAJECTORY`, the world size, the device and the
-compute dtype (`digest_inputs`). `training_digest` hashes them; `resume_from` loads the newest
-checkpoint made under this run's digest and logs, for each one it skips, what differs.
+the pretrain params but those in `NOT_TRAJECTORY`, the world size, the device, and the
+compute dtype and compilation `auto` resolved to (`digest_inputs`). `training_digest` hashes
+them; `resume_from` loads the newest checkpoint made under this run's digest and logs, for
+each one it skips, what differs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pipeline.core.io import file_md5
 from pipeline.core.names import TOKENIZER_FILE
 from pipeline.core.seeding import derive_seed
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.precision import compute_dtype
+from pipeline.train.precision import compile_enabled, compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +67,25 @@ def digest_inputs(
 
     The seed, every model param, the pretrain params but `NOT_TRAJECTORY` (max_steps is in:
     the cosine schedule depends on it), the data (`data_digests`: a change of
-    `synthesize.synthetic_share` changes the train shard), the world size and the device.
+    `synthesize.synthetic_share` changes the train shard), the world size, the device, and
+    what `pretrain.dtype` and `pretrain.compile` resolve to on it.
     """
     pretrain = {
         k: v for k, v in dataclasses.asdict(cfg.pretrain).items() if k not in NOT_TRAJECTORY
     }
     groups = {"model": dataclasses.asdict(cfg.model), "pretrain": pretrain, "data": data}
     flat: dict[str, Any] = {f"{g}.{k}": v for g, d in groups.items() for k, v in d.items()}
-    # `pretrain.dtype: auto` is bf16 on one CPU and fp32 on another: hash what it resolves to.
-    dtype = str(compute_dtype(torch.device(device), cfg.pretrain.dtype)).removeprefix("torch.")
+    # `auto` is bf16 and compiled on one CPU, fp32 and eager on another: hash what it
+    # resolves to, as the report records it (a compiled run is its own trajectory).
+    dev = torch.device(device)
+    dtype = compute_dtype(dev, cfg.pretrain.dtype)
     return {
         "seed": cfg.seed,
         **flat,
         "world_size": world_size,
         "device": device,
-        "compute_dtype": dtype,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "compiled": compile_enabled(dev, cfg.pretrain.compile, dtype),
     }
 
 
