@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -233,6 +234,50 @@ def test_methods_differ_but_each_is_deterministic(pretrained):
     sd_a, sd_b, sd_s = a.state_dict(), b.state_dict(), s.state_dict()
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     assert any(not torch.equal(sd_a[k], sd_s[k]) for k in sd_a)
+
+
+def test_the_comparison_branches_adamw_and_sam_off_the_averaging_runs_bit_for_bit(
+    pretrained, monkeypatch
+):
+    """`train_methods` trains swa and sam+swa from step 0 and goes on from their state at
+    swa_start as adamw and sam: the same weights and loss rows, bit for bit, as training
+    each alone, with dropout on (its masks must pick up where they were) and replay on."""
+    cfg = cfg_for(pretrained)
+    assert cfg.finetune.replay > 0
+    gcfg, weights = ft.load_pretrained(cfg)
+    gcfg = dataclasses.replace(gcfg, dropout=0.2)
+    cpu = torch.device("cpu")
+    data = ft.load_data(cfg, gcfg, cpu)
+    steps = []
+    real_step = ft._step
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "_step", counted)
+    methods = list(ft.METHODS)
+    histories = {m: [] for m in methods}
+    branched = {
+        m: model.state_dict()
+        for m, model in ft.train_methods(methods, cfg, gcfg, weights, data, cpu, histories)
+    }
+    assert list(branched) == ["swa", "adamw", "sam+swa", "sam"]
+    # 6 steps, swa_start 0.5: adamw and sam train only steps 3-5 of their own.
+    assert len(steps) == 6 + 3 + 6 + 3
+    for method in methods:
+        alone_history: list[dict[str, float]] = []
+        alone = ft.train_method(method, cfg, gcfg, weights, data, cpu, alone_history)
+        want = alone.state_dict()
+        assert all(torch.equal(want[k], branched[method][k]) for k in want), method
+        assert histories[method] == alone_history, method
+        assert [r["step"] for r in alone_history] == list(range(6))
+    swa, adamw = branched["swa"], branched["adamw"]
+    assert any(not torch.equal(swa[k], adamw[k]) for k in swa)  # they did part
+    # Only the comparison branches: one method alone trains all its steps.
+    steps.clear()
+    only = ft.train_methods(["adamw"], cfg, gcfg, weights, data, cpu, {"adamw": []})
+    assert [m for m, _ in only] == ["adamw"] and len(steps) == 6
 
 
 def test_fine_tuning_runs_in_pretrainings_dtype(pretrained):

@@ -11,7 +11,9 @@ Methods (`finetune.method`): `adamw` (the baseline), `sam`, `swa` and `sam+swa`;
 (`finetune.data`) and the training loop are in pipeline/train/finetune.py.
 
 With `finetune.compare: true` every method starts from the same checkpoint and sees the
-same batches in the same order (batches are a function of the step); `reports/finetune.json`,
+same batches in the same order (batches are a function of the step). adamw and sam are not
+re-run over the steps before `finetune.swa_start`, where they are swa and sam+swa bit for
+bit: they go on from those runs' state there (`train_methods`). `reports/finetune.json`,
 `reports/finetune.md` and a plot compare held-out answer loss, task accuracy (greedy exact
 match) and flatness: epsilon-sharpness and the largest and smallest Hessian eigenvalues
 (Lanczos, with residuals; a negative smallest one means the weights are not at a minimum),
@@ -59,7 +61,7 @@ from pipeline.train.finetune import (
     finetune_dtype,
     load_data,
     load_pretrained,
-    train_method,
+    train_methods,
 )
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ def run(cfg: Config) -> dict[str, Any]:
     data = load_data(cfg, gcfg, device)
     methods = list(METHODS) if f.compare else [f.method]
     results: dict[str, dict[str, Any]] = {}
-    histories: dict[str, list[dict[str, float]]] = {}  # method -> per-step train loss
+    histories: dict[str, list[dict[str, float]]] = {m: [] for m in methods}  # per-step loss
     with start_run(cfg, STAGE) as tracker:
         dtype = finetune_dtype(cfg, device)  # pretraining's: bf16 on CUDA and native-bf16 CPUs
         log.info("finetune: %s, %s", device.type, dtype)
@@ -88,9 +90,9 @@ def run(cfg: Config) -> dict[str, Any]:
             }
         )
         with atomic_dir(cfg.path("finetune")) as out:
-            for method in methods:
-                histories[method] = []
-                model = train_method(method, cfg, gcfg, weights, data, device, histories[method])
+            # swa then adamw, which goes on from swa's run at swa_start; sam+swa then sam.
+            trained = train_methods(methods, cfg, gcfg, weights, data, device, histories)
+            for method, model in trained:
                 results[method] = measure(model, data, cfg)
                 log.info("finetune[%s]: %s", method, results[method])
                 if method == f.method:
@@ -100,6 +102,7 @@ def run(cfg: Config) -> dict[str, Any]:
                     ckpt.save_weights(out / METHODS_DIR / method / WEIGHTS_FILE, model.state_dict())
             atomic_write_json(out / MODEL_CONFIG_FILE, dataclasses.asdict(gcfg))
             save_resolved(cfg, out)
+        results = {m: results[m] for m in methods}  # reports list them in METHODS order
         # Reports last, once the weights they describe are in place.
         report = comparison_report(results, f.method, f.compare)
         reports = cfg.path("reports")

@@ -1,12 +1,15 @@
 """Fine-tuning from the pretrained weights: the data of each mode and the per-method loop.
 
-Methods (`finetune.method`, all in `train_method`):
+Methods (`finetune.method`, one in `train_method`, several in `train_methods`):
 - `adamw`: the baseline;
 - `sam`: sharpness-aware minimization (pipeline/train/sam.py): the gradient is taken at
   w + rho * g / ||g|| and the AdamW step applied at w (ASAM with `sam_adaptive`);
 - `swa`: AdamW, then from `swa_start` of training `torch.optim.swa_utils.AveragedModel`
   averages the weights (EMA with `swa_ema`) while `SWALR` holds the learning rate;
 - `sam+swa`: both.
+
+Until `swa_start` an averaging method is its base (swa is adamw, sam+swa is sam), so the
+comparison trains each base only from there on, from its averaging run's state.
 
 Data (`finetune.data`): `task_data` trains on the answers of synthesize's fine-tuning set
 (optionally mixed with pretraining batches, `replay_batches`) and scores held-out exact
@@ -21,9 +24,11 @@ pipeline/eval/comparison.py.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
@@ -244,18 +249,108 @@ def train_method(
     `history`, when given, gets one {"step", "loss"} row per step (the loss at w, with the
     replay term when there is one): the method's curve on the stage's loss chart.
     """
+    return _train(method, cfg, gcfg, weights, data, device, history)[0]
+
+
+# Each averaging method and the method it is until `swa_start`: the same optimizer, rate,
+# batches and dropout masks there, so the same weights bit for bit.
+AVERAGING_BASE = {"swa": "adamw", "sam+swa": "sam"}
+
+
+def train_methods(
+    methods: list[str],
+    cfg: Config,
+    gcfg: GPTConfig,
+    weights: dict,
+    data: Data,
+    device: torch.device,
+    histories: dict[str, list[dict[str, float]]],
+) -> Iterator[tuple[str, GPT]]:
+    """(method, fine-tuned model) for each of `methods`, one model alive at a time.
+
+    Where an averaging method and its base are both asked for (the comparison), the base
+    is not trained again from step 0: it goes on from the averaging run's state at
+    `swa_start`, where their runs part. That gives the bits `train_method` gives
+    (tests/test_finetune.py) for a quarter fewer of the comparison's steps. The order is
+    each averaging method, then its base; `histories[m]` gets method m's loss rows.
+    """
+    branches = {b: a for a, b in AVERAGING_BASE.items() if a in methods and b in methods}
+    branch_at = int(cfg.finetune.swa_start * cfg.finetune.max_steps)
+    for method in methods:
+        if method in branches:
+            continue  # goes on from its averaging method's run, below
+        base = AVERAGING_BASE.get(method)
+        if base not in branches:
+            yield method, train_method(method, cfg, gcfg, weights, data, device, histories[method])
+            continue
+        args = (cfg, gcfg, weights, data, device)
+        model, branch = _train(method, *args, histories[method], branch_at=branch_at)
+        yield method, model
+        del model
+        yield base, _train(base, *args, histories[base], start=branch)[0]
+
+
+@dataclasses.dataclass
+class _Branch:
+    """A run's state before step `step`: what another method goes on from there with."""
+
+    step: int
+    model: dict[str, torch.Tensor]
+    adamw: dict[str, Any]
+    rng: torch.Tensor  # the CPU generator's state: dropout masks on CPU
+    cuda_rng: torch.Tensor | None  # the current CUDA device's, for dropout there
+    rows: list[dict[str, float]]  # the loss rows of the steps before `step`
+
+
+def _keep(step: int, model: GPT, opt: _Optimizers, rows: list[dict[str, float]]) -> _Branch:
+    """Copies (not views) of everything the next steps read, so the run can go on."""
+    cuda = next(model.parameters()).is_cuda
+    return _Branch(
+        step=step,
+        model={k: v.detach().clone() for k, v in model.state_dict().items()},
+        adamw=copy.deepcopy(opt.adamw.state_dict()),
+        rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state() if cuda else None,
+        rows=list(rows),
+    )
+
+
+def _train(
+    method: str,
+    cfg: Config,
+    gcfg: GPTConfig,
+    weights: dict,
+    data: Data,
+    device: torch.device,
+    history: list[dict[str, float]] | None = None,
+    branch_at: int | None = None,
+    start: _Branch | None = None,
+) -> tuple[GPT, _Branch | None]:
+    """Fine-tune with `method` from the pretrained weights, or from `start` on; the model,
+    and the run's state before step `branch_at` when asked for."""
     f = cfg.finetune
     # The same dropout masks for every method, so only the method differs.
     torch.manual_seed(derive_seed(cfg.seed, SEED_SCOPE, "dropout") % 2**63)
     model = GPT(gcfg).to(device)
-    model.load_state_dict(weights)
+    model.load_state_dict(weights if start is None else start.model)
     model.train()
     opt = _optimizers(method, model, f, device)
+    rows: list[dict[str, float]] = []  # {"step", "loss"}, checked finite
+    if start is not None:
+        opt.adamw.load_state_dict(start.adamw)
+        torch.set_rng_state(start.rng)
+        if start.cuda_rng is not None:
+            torch.cuda.set_rng_state(start.cuda_rng)
+        rows = list(start.rows)
+    first = 0 if start is None else start.step
     dtype = finetune_dtype(cfg, device)
     swa_begin = int(f.swa_start * f.max_steps)
-    progress = Progress(f"finetune[{method}]", total=f.max_steps, unit=" steps")
+    branch: _Branch | None = None
+    progress = Progress(f"finetune[{method}]", total=f.max_steps - first, unit=" steps")
     pending: list[torch.Tensor] = []  # losses not yet checked, on the device
-    for step in range(f.max_steps):
+    for step in range(first, f.max_steps):
+        if step == branch_at:
+            branch = _keep(step, model, opt, rows)
         in_swa = opt.averaged is not None and step >= swa_begin
         if not in_swa:  # linear warm-up, then constant; SWALR owns the rate while averaging
             for group in opt.adamw.param_groups:
@@ -263,11 +358,11 @@ def train_method(
         batch = data.batch(step)
         replay = data.replay_batch(step) if data.replay_batch else None
         pending.append(_step(model, opt, f, batch, replay, dtype).detach())
-        if len(pending) == CHECK_EVERY or step == f.max_steps - 1:
-            first = step + 1 - len(pending)
-            values = check_finite(method, first, pending)  # one host sync
-            if history is not None:
-                history.extend({"step": first + i, "loss": v} for i, v in enumerate(values))
+        # Check at the branch step too, so the branch holds every row before it.
+        if len(pending) == CHECK_EVERY or step + 1 in (f.max_steps, branch_at):
+            done = step + 1 - len(pending)
+            values = check_finite(method, done, pending)  # one host sync
+            rows.extend({"step": done + i, "loss": v} for i, v in enumerate(values))
             pending = []
         if in_swa:
             opt.averaged.update_parameters(model)
@@ -276,7 +371,9 @@ def train_method(
     progress.close()
     if opt.averaged is not None:  # LayerNorm only: no BatchNorm statistics to recompute
         model.load_state_dict(opt.averaged.module.state_dict())
-    return model
+    if history is not None:
+        history.extend(rows)
+    return model, branch
 
 
 def check_finite(method: str, first_step: int, losses: list[torch.Tensor]) -> list[float]:
