@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import cfg_for, prepared_project
 
+from pipeline.core.progress import LOGGER_NAME, parse_line
 from pipeline.data.ingest import storyworld_spec
 from pipeline.data.storyworld import StoryWorld
 from pipeline.eval import lm as M
@@ -112,11 +114,23 @@ def test_report_has_every_section(evaluated):
     assert task["kind"] == "qa" and task["exact_match"] == report["task_accuracy"]
 
 
-def test_rerun_gives_the_same_report(evaluated):
+def test_rerun_gives_the_same_report_and_logs_each_part(evaluated, caplog):
     cfg = cfg_for(evaluated)
     first = (cfg.path("reports") / "evaluate.json").read_bytes()
+    caplog.set_level(logging.INFO)
     evaluate.run(cfg)
     assert (cfg.path("reports") / "evaluate.json").read_bytes() == first
+    # Off a terminal: one progress line per part, then the last one, with the ETA the
+    # flow's stage line shows; and each part by name with its seconds.
+    lines = [parse_line(r.getMessage()) for r in caplog.records if r.name == LOGGER_NAME]
+    n = len(evaluate.PARTS)
+    assert [(x.what, x.done, x.total, x.final) for x in lines] == [
+        *(("evaluate", str(i), str(n), False) for i in range(1, n + 1)),
+        ("evaluate", str(n), str(n), True),
+    ]
+    assert lines[0].eta.endswith("s") and lines[-1].eta == "0s"
+    took = [r.getMessage() for r in caplog.records if " took " in r.getMessage()]
+    assert [t.split(" took ")[0] for t in took] == [f"evaluate: {p}" for p in evaluate.PARTS]
 
 
 def test_a_model_that_is_the_source_scores_zero_kl(finetuned):
