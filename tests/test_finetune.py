@@ -236,13 +236,21 @@ def test_methods_differ_but_each_is_deterministic(pretrained):
     assert any(not torch.equal(sd_a[k], sd_s[k]) for k in sd_a)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "own_steps"),
+    [
+        ([], 3),  # swa_start 0.5 of 6 steps: adamw and sam train steps 3-5 of their own
+        (["finetune.warmup_steps=5"], 3),  # still warming up at the branch: the rate too
+        (["finetune.swa_start=0.0"], 6),  # they part at once: nothing is shared
+    ],
+)
 def test_the_comparison_branches_adamw_and_sam_off_the_averaging_runs_bit_for_bit(
-    pretrained, monkeypatch
+    pretrained, monkeypatch, overrides, own_steps
 ):
     """`train_methods` trains swa and sam+swa from step 0 and goes on from their state at
     swa_start as adamw and sam: the same weights and loss rows, bit for bit, as training
     each alone, with dropout on (its masks must pick up where they were) and replay on."""
-    cfg = cfg_for(pretrained)
+    cfg = cfg_for(pretrained, *overrides)
     assert cfg.finetune.replay > 0
     gcfg, weights = ft.load_pretrained(cfg)
     gcfg = dataclasses.replace(gcfg, dropout=0.2)
@@ -263,8 +271,7 @@ def test_the_comparison_branches_adamw_and_sam_off_the_averaging_runs_bit_for_bi
         for m, model in ft.train_methods(methods, cfg, gcfg, weights, data, cpu, histories)
     }
     assert list(branched) == ["swa", "adamw", "sam+swa", "sam"]
-    # 6 steps, swa_start 0.5: adamw and sam train only steps 3-5 of their own.
-    assert len(steps) == 6 + 3 + 6 + 3
+    assert len(steps) == 6 + own_steps + 6 + own_steps
     for method in methods:
         alone_history: list[dict[str, float]] = []
         alone = ft.train_method(method, cfg, gcfg, weights, data, cpu, alone_history)

@@ -16,6 +16,7 @@ The multi-process checks run this file as a torchrun worker:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -51,6 +52,23 @@ def _micro_batches(step: int, rank: int, n: int) -> list[tuple[torch.Tensor, tor
         (torch.randint(0, V, (2, T), generator=g), torch.randint(0, V, (2, T), generator=g))
         for _ in range(n)
     ]
+
+
+def _shutdown_when_idle() -> None:
+    """Destroy the process group once gloo's threads have nothing left to free.
+
+    A gloo thread frees a finished all_gather's tensors, which takes the GIL. Destroying
+    the group joins that thread while holding the GIL, and if the free is still pending
+    then both wait forever. That hung one worker run in three on a 2-core VM (py-spy:
+    ~ProcessGroupGloo in join, the gloo thread in ~AsyncAllgatherWork waiting for the
+    GIL). The barrier runs after every earlier collective, and gc frees what still
+    refers to the group.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    gc.collect()
+    dist_utils.shutdown()
 
 
 def _gather(t: torch.Tensor) -> list[torch.Tensor]:
@@ -96,13 +114,15 @@ def worker_ddp_compile(out: Path) -> dict:
     torch.manual_seed(dropout_seed(cfg.seed, "pretrain", info.rank))
     mask = (torch.nn.functional.dropout(torch.ones(512), 0.5, training=True) != 0).float()
     masks = _gather(mask)
-    dist_utils.shutdown()
-    return {
+    result = {
         "compiled": type(model).__name__,
         "per_step": per_step,
         "same_weights": same_weights,
         "masks_differ": not torch.equal(masks[0], masks[1]),
     }
+    del trainer, opt, model, ddp  # DDP's reducer holds the process group: free it first
+    _shutdown_when_idle()
+    return result
 
 
 def worker_fsdp(out: Path) -> dict:
@@ -134,8 +154,7 @@ def worker_fsdp(out: Path) -> dict:
     group = model.blocks[0]._get_fsdp_state()._fsdp_param_group
     reduce_dtypes = sorted({str(fp.reduce_dtype) for fp in group.fsdp_params})
     param_dtypes = sorted({str(p.dtype) for p in model.parameters()})
-    dist_utils.shutdown()
-    return {
+    result = {
         "blocks_compiled": blocks_compiled,
         "blocks_sharded": blocks_sharded,
         "root_sharded": isinstance(compiled, FSDPModule),
@@ -145,6 +164,9 @@ def worker_fsdp(out: Path) -> dict:
         "reduce_dtypes": reduce_dtypes,
         "param_dtypes": param_dtypes,
     }
+    del model, compiled, group
+    _shutdown_when_idle()
+    return result
 
 
 WORKERS = {"ddp_compile": worker_ddp_compile, "fsdp": worker_fsdp}

@@ -12,8 +12,8 @@ Methods (`finetune.method`): `adamw` (the baseline), `sam`, `swa` and `sam+swa`;
 
 With `finetune.compare: true` every method starts from the same checkpoint and sees the
 same batches in the same order (batches are a function of the step). adamw and sam are not
-re-run over the steps before `finetune.swa_start`, where they are swa and sam+swa bit for
-bit: they go on from those runs' state there (`train_methods`). `reports/finetune.json`,
+re-run over the steps before `finetune.swa_start`, where they are swa and sam+swa (bit for
+bit on CPU): they go on from those runs' state there (`train_methods`). `reports/finetune.json`,
 `reports/finetune.md` and a plot compare held-out answer loss, task accuracy (greedy exact
 match) and flatness: epsilon-sharpness and the largest and smallest Hessian eigenvalues
 (Lanczos, with residuals; a negative smallest one means the weights are not at a minimum),

@@ -266,13 +266,15 @@ def train_methods(
     device: torch.device,
     histories: dict[str, list[dict[str, float]]],
 ) -> Iterator[tuple[str, GPT]]:
-    """(method, fine-tuned model) for each of `methods`, one model alive at a time.
+    """(method, fine-tuned model) for each of `methods`, trained one after the other.
 
     Where an averaging method and its base are both asked for (the comparison), the base
     is not trained again from step 0: it goes on from the averaging run's state at
-    `swa_start`, where their runs part. That gives the bits `train_method` gives
-    (tests/test_finetune.py) for a quarter fewer of the comparison's steps. The order is
-    each averaging method, then its base; `histories[m]` gets method m's loss rows.
+    `swa_start`, where their runs part. On CPU that gives the bits `train_method` gives
+    (tests/test_finetune.py), for `swa_start / 2` fewer of the comparison's steps (a
+    quarter at the default 0.5). The order is each averaging method, then its base;
+    `histories[m]` gets method m's loss rows. A loss that is not finite before
+    `swa_start` is reported under the averaging method, whose run it was.
     """
     branches = {b: a for a, b in AVERAGING_BASE.items() if a in methods and b in methods}
     branch_at = int(cfg.finetune.swa_start * cfg.finetune.max_steps)
@@ -287,7 +289,10 @@ def train_methods(
         model, branch = _train(method, *args, histories[method], branch_at=branch_at)
         yield method, model
         del model
-        yield base, _train(base, *args, histories[base], start=branch)[0]
+        model = _train(base, *args, histories[base], start=branch)[0]
+        del branch  # weights and AdamW's moments: three copies of the model's size
+        yield base, model
+        del model
 
 
 @dataclasses.dataclass

@@ -61,7 +61,7 @@ def cpp_compiler() -> str | None:
     (`torch._inductor.config.cpp.cxx`); importing inductor to ask it costs seconds.
     """
     default = "clang++" if sys.platform == "darwin" else "g++"
-    return shutil.which(os.environ.get("CXX") or default)
+    return shutil.which(os.environ.get("CXX", default))
 
 
 def compile_enabled(device: torch.device, compile: str, dtype: torch.dtype) -> bool:
