@@ -63,6 +63,7 @@ from pipeline.train.finetune import (
     load_pretrained,
     train_methods,
 )
+from pipeline.train.precision import dtype_name
 
 log = logging.getLogger(__name__)
 STAGE = "finetune"
@@ -83,11 +84,7 @@ def run(cfg: Config) -> dict[str, Any]:
         dtype = finetune_dtype(cfg, device)  # pretraining's: bf16 on CUDA and native-bf16 CPUs
         log.info("finetune: %s, %s", device.type, dtype)
         tracker.log_params(
-            {
-                "seed": cfg.seed,
-                STAGE: dataclasses.asdict(f),
-                "compute_dtype": str(dtype).removeprefix("torch."),
-            }
+            {"seed": cfg.seed, STAGE: dataclasses.asdict(f), "compute_dtype": dtype_name(dtype)}
         )
         with atomic_dir(cfg.path("finetune")) as out:
             # swa then adamw, which goes on from swa's run at swa_start; sam+swa then sam.

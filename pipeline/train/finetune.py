@@ -340,14 +340,13 @@ def _train(
     model.load_state_dict(weights if start is None else start.model)
     model.train()
     opt = _optimizers(method, model, f, device)
-    rows: list[dict[str, float]] = []  # {"step", "loss"}, checked finite
+    first, rows = 0, []  # the first step to train; {"step", "loss"} rows, checked finite
     if start is not None:
         opt.adamw.load_state_dict(start.adamw)
         torch.set_rng_state(start.rng)
         if start.cuda_rng is not None:
             torch.cuda.set_rng_state(start.cuda_rng)
-        rows = list(start.rows)
-    first = 0 if start is None else start.step
+        first, rows = start.step, list(start.rows)
     dtype = finetune_dtype(cfg, device)
     swa_begin = int(f.swa_start * f.max_steps)
     branch: _Branch | None = None

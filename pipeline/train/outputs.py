@@ -27,6 +27,7 @@ from pipeline.core.names import (
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.loop import STAGE, Trainer
 from pipeline.train.mfu import flops_per_token
+from pipeline.train.precision import dtype_name
 
 
 def report_path(cfg: Config) -> Path:
@@ -54,7 +55,7 @@ def write_outputs(t: Trainer, result: dict[str, Any]) -> dict[str, Any]:
         "device": t.info.device.type,
         "world_size": t.info.world_size,
         # `auto` resolves per machine (pipeline.train.precision): what this run trained in.
-        "compute_dtype": str(t.compute_dtype()).removeprefix("torch."),
+        "compute_dtype": dtype_name(t.compute_dtype()),
         "compiled": t.compiled(),
         "deterministic": t.deterministic(),  # asked, or compiled on CPU (train.precision)
         "train_loss": t.history[-1]["loss"],

@@ -54,6 +54,11 @@ def compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
     return torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """ "bfloat16" for torch.bfloat16: how reports, digests and MLflow params name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def cpp_compiler() -> str | None:
     """The C++ compiler inductor builds CPU kernels with, or None where it is not on PATH.
 

@@ -25,7 +25,7 @@ from pipeline.core.io import file_md5
 from pipeline.core.names import TOKENIZER_FILE
 from pipeline.core.seeding import derive_seed
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.precision import compile_enabled, compute_dtype
+from pipeline.train.precision import compile_enabled, compute_dtype, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def digest_inputs(
         **flat,
         "world_size": world_size,
         "device": device,
-        "compute_dtype": str(dtype).removeprefix("torch."),
+        "compute_dtype": dtype_name(dtype),
         "compiled": compile_enabled(dev, cfg.pretrain.compile, dtype),
     }
 
